@@ -1,0 +1,223 @@
+"""The one validated GSA configuration.
+
+Each strategy is ``{name, params}``; the name must be registered for its kind and the params are
+validated against that strategy's own model, so a typo fails at load time with the field's path,
+the bad value and the closest valid name. Loads from a mapping, TOML, JSON or YAML, and from a
+model config that carries it (``gsa`` key).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from gsa_core.bank import CovarianceKind
+from gsa_core.errors import ConfigError, ParamsError, UnknownComponentError
+from gsa_core.registry import Registry, format_validation_error, get_registry
+
+CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StrategySpec(_Strict):
+    """``{name, params}`` for one strategy; a bare string is shorthand for ``{name: string}``."""
+
+    kind: ClassVar[str] = ""
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        try:
+            get_registry().get(cls.kind, name)
+        except UnknownComponentError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:  # the name itself failed; that error is already reported
+            return params
+        try:
+            validated = get_registry().validate_params(cls.kind, name, params)
+        except ParamsError as exc:
+            raise ValueError(str(exc)) from None
+        return validated.model_dump(mode="json")
+
+    def build(self, registry: Registry | None = None) -> Any:
+        return (registry or get_registry()).build(self.kind, self.name, self.params)
+
+
+class InitializerSpec(StrategySpec):
+    kind: ClassVar[str] = "initializer"
+
+
+class BackendSpec(StrategySpec):
+    kind: ClassVar[str] = "backend"
+
+
+class BirthSpec(StrategySpec):
+    kind: ClassVar[str] = "birth"
+
+
+class DeathSpec(StrategySpec):
+    kind: ClassVar[str] = "death"
+
+
+class SchedulerSpec(StrategySpec):
+    kind: ClassVar[str] = "scheduler"
+
+
+class AdapterSpec(StrategySpec):
+    kind: ClassVar[str] = "adapter"
+
+
+SPEC_TYPES: dict[str, type[StrategySpec]] = {
+    s.kind: s for s in (InitializerSpec, BackendSpec, BirthSpec, DeathSpec, SchedulerSpec, AdapterSpec)
+}
+
+
+class BankConfig(_Strict):
+    """Shape of every layer's splat bank."""
+
+    n_splats: int = Field(64, ge=1, description="capacity K: slots per head")
+    covariance: CovarianceKind = "diagonal"
+    log_normalizer: bool = Field(False, description="add -1/4 log det(2 pi Sigma) to each log-feature")
+    init_scale: float = Field(1.0, gt=0, description="initial splat standard deviation")
+    min_alive: int = Field(1, ge=1, description="death never leaves a head with fewer alive slots")
+
+    @model_validator(mode="after")
+    def _min_alive_fits(self) -> BankConfig:
+        if self.min_alive > self.n_splats:
+            raise ValueError(f"min_alive ({self.min_alive}) exceeds n_splats ({self.n_splats})")
+        return self
+
+
+class AdaptationConfig(_Strict):
+    """Birth and death of splats during training (off unless enabled)."""
+
+    enabled: bool = False
+    window: int = Field(100, ge=1, description="steps of statistics the policies read")
+    # Defaults are names, validated (against the registry) only when a config is built.
+    scheduler: SchedulerSpec = Field("interval", validate_default=True)  # type: ignore[assignment]
+    death: DeathSpec = Field("low-mass", validate_default=True)  # type: ignore[assignment]
+    birth: BirthSpec = Field("clone", validate_default=True)  # type: ignore[assignment]
+
+
+class GSAConfig(_Strict):
+    """Everything that defines a GSA model beyond the host model's own weights."""
+
+    schema_version: Literal[1] = 1
+    seed: int = 0
+    bank: BankConfig = BankConfig()
+    initializer: InitializerSpec = Field("random", validate_default=True)  # type: ignore[assignment]
+    backend: BackendSpec = Field("auto", validate_default=True)  # type: ignore[assignment]
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
+    adapter: AdapterSpec | None = Field(None, description="model adapter; None detects it from the model")
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> GSAConfig:
+        try:
+            return cls.model_validate(dict(data))
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"invalid GSA config in {source}: {format_validation_error(exc)}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GSAConfig:
+        path = Path(path)
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> GSAConfig:
+        """The GSA config a converted Hugging Face model carries under its ``gsa`` attribute."""
+        data = getattr(model_config, "gsa", None)
+        if data is None and isinstance(model_config, Mapping):
+            data = model_config.get("gsa")
+        if data is None:
+            raise ConfigError("this model config carries no GSA config (no 'gsa' entry): was it converted?")
+        return cls.from_dict(data, source="model config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_updates(self, **changes: Any) -> GSAConfig:
+        """A validated copy with top-level fields replaced."""
+        data = copy.deepcopy(self.to_dict())
+        data.update(changes)
+        return GSAConfig.from_dict(data)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML/JSON/YAML file into a mapping, with errors that name the file and line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"unsupported config format {suffix!r} for {path}; use one of {', '.join(CONFIG_SUFFIXES)}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError, kept lazy so yaml is imported only when needed
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def config_json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of :class:`GSAConfig` where each strategy lists its registered names and params."""
+    registry = registry or get_registry()
+    schema = GSAConfig.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    for kind, spec_type in SPEC_TYPES.items():
+        title = spec_type.__name__
+        if title not in defs:
+            continue
+        choices = []
+        for comp in registry.components(kind):
+            params_schema = comp.params_model.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(params_schema.pop("$defs", {}))
+            choices.append({
+                "type": "object",
+                "description": comp.description,
+                "properties": {"name": {"const": comp.name}, "params": params_schema},
+                "required": ["name"],
+                "additionalProperties": False,
+            })
+        names = [c.name for c in registry.components(kind)]
+        defs[title] = {
+            "title": title,
+            "description": f"a {kind} by name: one of {', '.join(names) or '(none registered)'}",
+            "oneOf": [{"type": "string", "enum": names}, *choices] if names else [{"type": "object"}],
+        }
+    return schema

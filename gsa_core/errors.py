@@ -1,0 +1,80 @@
+"""Exceptions raised by the GSA core.
+
+Every error a user can trigger derives from :class:`GSAError`, so applications can catch one type,
+and every message names the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GSAError(Exception):
+    """Base class of every error raised on purpose by this library."""
+
+
+class UnknownComponentError(GSAError, KeyError):
+    """A strategy name that no loaded plugin registered."""
+
+    def __init__(self, kind: str, name: str, available: Iterable[str]):
+        self.kind, self.name = kind, name
+        self.available = sorted(available)
+        self.suggestion = did_you_mean(name, self.available)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        listed = ", ".join(self.available) if self.available else "(none registered)"
+        hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
+        return f"unknown {self.kind} {self.name!r}.{hint} Available {self.kind} names: {listed}."
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self._message()
+
+
+class UnknownKindError(GSAError, KeyError):
+    """A component kind outside the fixed set of extension points."""
+
+    def __init__(self, kind: str, kinds: Iterable[str]):
+        self.kind = kind
+        self.kinds = sorted(kinds)
+        hint = did_you_mean(kind, self.kinds)
+        extra = f" Did you mean {hint!r}?" if hint else ""
+        self._text = f"unknown component kind {kind!r}.{extra} Valid kinds: {', '.join(self.kinds)}."
+        super().__init__(self._text)
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class DuplicateComponentError(GSAError):
+    """Two plugins registered the same ``(kind, name)`` without asking to override."""
+
+    def __init__(self, kind: str, name: str, existing: str, new: str):
+        self.kind, self.name, self.existing, self.new = kind, name, existing, new
+        super().__init__(
+            f"{kind} {name!r} is registered twice: first by {existing}, then by {new}. "
+            f"Rename one, or pass override=True in {new} to replace it on purpose."
+        )
+
+
+class ParamsError(GSAError, ValueError):
+    """Parameters that do not validate against a strategy's params model."""
+
+
+class ConfigError(GSAError, ValueError):
+    """A configuration file or mapping that cannot be loaded or does not validate."""
+
+
+class MaskNotSupportedError(GSAError, ValueError):
+    """A backend asked to serve a mask kind it cannot compute."""
+
+
+class CalibrationError(GSAError, ValueError):
+    """Calibration data unusable for initialising a bank (NaN/Inf, wrong shape)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """Closest valid choice to a misspelt name, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return matches[0] if matches else None

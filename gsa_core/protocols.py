@@ -1,0 +1,181 @@
+"""The six extension points. A plugin implements one of these and registers it by name.
+
+Each docstring states the invariants an implementation must keep; ``gsa_core.testing`` has one
+check function per protocol that property-tests them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from gsa_core.bank import SplatBank
+from gsa_core.masks import MaskSpec
+
+
+@dataclass
+class SlotStats:
+    """Windowed per-slot statistics, each ``[H, K]``, that birth and death policies read.
+
+    ``mass``: mean attention mass a slot carried per step; ``grad_norm``: mean ``||dL/dmu||``;
+    ``hits``: tokens for which the slot was the best splat; ``steps``: how many steps the window holds.
+    """
+
+    mass: Tensor
+    grad_norm: Tensor
+    hits: Tensor
+    steps: int
+
+    @classmethod
+    def zeros(cls, n_heads: int, capacity: int) -> SlotStats:
+        z = torch.zeros(n_heads, capacity)
+        return cls(mass=z.clone(), grad_norm=z.clone(), hits=z.clone(), steps=0)
+
+
+@dataclass
+class Births:
+    """New splats a birth policy asks for. Row ``i`` writes slot ``(heads[i], slots[i])``.
+
+    ``shape`` is the covariance parameter row (``log_scale`` or ``scale_tril_raw`` entry).
+    ``sources[i]`` is the slot it was cloned/split from in the same head, or -1 for a seeded splat;
+    ``source_log_amplitude[i]`` is that source's new log-amplitude (a mass-preserving split halves it).
+    """
+
+    heads: Tensor
+    slots: Tensor
+    centers: Tensor
+    log_amplitude: Tensor
+    shape: Tensor
+    sources: Tensor
+    source_log_amplitude: Tensor
+
+    def __len__(self) -> int:
+        return int(self.heads.numel())
+
+    @classmethod
+    def empty(cls, bank: SplatBank) -> Births:
+        shape_row = tuple(bank.shape_params().shape[2:])
+        long = torch.zeros(0, dtype=torch.long)
+        return cls(
+            heads=long, slots=long.clone(), centers=torch.zeros(0, bank.head_dim),
+            log_amplitude=torch.zeros(0), shape=torch.zeros((0, *shape_row)),
+            sources=long.clone(), source_log_amplitude=torch.zeros(0),
+        )
+
+
+@runtime_checkable
+class Initializer(Protocol):
+    """Fills a bank's alive slots from calibration data.
+
+    Invariants: writes only alive slots (dead slots keep every bit); all written values finite and
+    every covariance valid; never changes capacity; the same generator seed gives the same bank;
+    works with ``queries``/``keys`` of ``None`` (no data), fewer vectors than slots, duplicate
+    points and zero variance.
+    """
+
+    def initialize(
+        self, bank: SplatBank, queries: Tensor | None, keys: Tensor | None, *, generator: torch.Generator
+    ) -> None: ...
+
+
+@runtime_checkable
+class BirthPolicy(Protocol):
+    """Proposes new splats for dead slots.
+
+    Invariants: targets are dead slots, each at most once; never more births in a head than it has
+    dead slots; sources (when not -1) are alive; values finite; deterministic under the generator.
+    """
+
+    def propose(self, bank: SplatBank, stats: SlotStats, *, generator: torch.Generator) -> Births: ...
+
+
+@runtime_checkable
+class DeathPolicy(Protocol):
+    """Chooses slots to kill. Returns ``bool [H, K]``.
+
+    Invariants: only alive slots are chosen; the result is deterministic for the same inputs.
+    The controller, not the policy, keeps each head's minimum number of alive slots.
+    """
+
+    def select(self, bank: SplatBank, stats: SlotStats) -> Tensor: ...
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Decides at which training steps the bank is refined.
+
+    Invariants: a pure function of ``step`` and ``signals`` (same inputs, same answer); returns a
+    plain ``bool``; never refines at negative steps.
+    """
+
+    def should_refine(self, step: int, signals: Mapping[str, float] | None = None) -> bool: ...
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """Computes GSA attention ``(q, k, v, bank, mask) -> (out, info)``.
+
+    ``q [B, H, n_q, d]``, ``k [B, H, n_k, d]``, ``v [B, H, n_k, d_v]`` -> ``out [B, H, n_q, d_v]`` in
+    ``v``'s dtype, computed in fp32. Invariants (DESIGN.md section 2): agrees with ``dense``
+    (relative RMSE <= 1e-4 fp32) on outputs and gradients; causal outputs never depend on later
+    tokens; padded keys change nothing and padded queries give zeros; non-causal attention is
+    permutation-equivariant; finite outputs and gradients for finite inputs. ``supported_masks``
+    lists the mask kinds (``gsa_core.masks.MASK_KINDS``) it can serve.
+    """
+
+    name: str
+    supported_masks: frozenset[str]
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
+    ) -> tuple[Tensor, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class RecurrentBackend(AttentionBackend, Protocol):
+    """A backend that can also decode token by token from a state.
+
+    Invariant: ``prefill(n)`` then ``step`` for ``m`` tokens equals one causal ``forward`` over
+    ``n + m`` tokens. A constant-memory backend's state size does not depend on sequence length.
+    """
+
+    def init_state(self, bank: SplatBank, batch: int, value_dim: int, device: torch.device) -> Any: ...
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
+    ) -> tuple[Tensor, Any]: ...
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: Any, key_padding: Tensor | None = None
+    ) -> tuple[Tensor, Any]: ...
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """Converts one model family's attention to GSA.
+
+    Invariants: every original weight is kept; with GSA switched off (passthrough) the converted
+    model reproduces the original outputs exactly; the GSA config travels in the model's config so
+    ``from_pretrained`` rebuilds the same model.
+    """
+
+    name: str
+
+    def matches(self, model: Any) -> bool: ...
+
+    def convert(self, model: Any, config: Any) -> Any: ...
+
+
+PROTOCOLS: Mapping[str, type] = {
+    "initializer": Initializer,
+    "birth": BirthPolicy,
+    "death": DeathPolicy,
+    "scheduler": Scheduler,
+    "backend": AttentionBackend,
+    "adapter": ModelAdapter,
+}
+KINDS: tuple[str, ...] = tuple(PROTOCOLS)

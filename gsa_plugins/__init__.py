@@ -1,0 +1,1 @@
+"""Built-in GSA strategies, registered through the ``gsa.plugins`` entry point like any plugin."""

@@ -1,0 +1,1 @@
+"""Attention backends: ``dense`` (exact reference), ``kernel`` (linear time), ``sparse`` (top-k)."""

@@ -1,0 +1,19 @@
+"""The built-in plugin: registers every strategy shipped with the library."""
+
+from __future__ import annotations
+
+from gsa_core.hookspecs import hookimpl
+from gsa_core.registry import Registry
+
+
+@hookimpl
+def gsa_register(registry: Registry) -> None:
+    from gsa_plugins import birth, death, initializers, schedulers
+    from gsa_plugins.backends import auto, dense
+
+    registry.register("initializer", "random", initializers.RandomInit)
+    registry.register("scheduler", "interval", schedulers.IntervalScheduler)
+    registry.register("death", "low-mass", death.LowMassDeath)
+    registry.register("birth", "clone", birth.CloneBirth)
+    registry.register("backend", "dense", dense.DenseBackend, dense.DenseParams)
+    registry.register("backend", "auto", auto.AutoBackend, auto.AutoParams)
