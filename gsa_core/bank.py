@@ -15,7 +15,17 @@ import torch
 from torch import Tensor, nn
 
 CovarianceKind = Literal["isotropic", "diagonal", "full"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for every input dtype except fp64 (kept so ``gradcheck`` can run in double)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 COVARIANCE_KINDS: tuple[str, ...] = ("isotropic", "diagonal", "full")
+
+
+def _fp(t: Tensor) -> Tensor:
+    """A parameter in at least fp32 (fp64 parameters stay fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class SplatBank(nn.Module):
@@ -67,7 +77,7 @@ class SplatBank(nn.Module):
     def scale_tril(self) -> Tensor:
         """Cholesky factor ``L`` of every covariance, ``[H, K, d, d]`` (all kinds)."""
         if self.covariance == "full":
-            raw = self.scale_tril_raw.float()
+            raw = _fp(self.scale_tril_raw)
             return torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
         return torch.diag_embed(self.diag_scales())
 
@@ -75,16 +85,16 @@ class SplatBank(nn.Module):
         """Per-axis standard deviations ``[H, K, d]`` (isotropic and diagonal kinds)."""
         if self.covariance == "full":
             raise TypeError("diag_scales() is undefined for full covariances; use scale_tril()")
-        s = self.log_scale.float().exp()
+        s = _fp(self.log_scale).exp()
         return s.unsqueeze(-1).expand(-1, -1, self.head_dim) if self.covariance == "isotropic" else s
 
     def log_det_covariance(self) -> Tensor:
         """``log det Sigma`` per slot, ``[H, K]``."""
         if self.covariance == "isotropic":
-            return 2.0 * self.head_dim * self.log_scale.float()
+            return 2.0 * self.head_dim * _fp(self.log_scale)
         if self.covariance == "diagonal":
-            return 2.0 * self.log_scale.float().sum(-1)
-        return 2.0 * self.scale_tril_raw.float().diagonal(dim1=-2, dim2=-1).sum(-1)
+            return 2.0 * _fp(self.log_scale).sum(-1)
+        return 2.0 * _fp(self.scale_tril_raw).diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def covariance_matrix(self) -> Tensor:
         """Dense ``Sigma`` per slot, ``[H, K, d, d]`` (for analysis and tests, not the hot path)."""
@@ -94,14 +104,14 @@ class SplatBank(nn.Module):
     # ----------------------------------------------------------------- features
     def slot_bias(self) -> Tensor:
         """The query-independent part of every log-feature, ``[H, K]``: ``½ log a`` (+ normaliser)."""
-        bias = 0.5 * self.log_amplitude.float()
+        bias = 0.5 * _fp(self.log_amplitude)
         if self.log_normalizer:
             log_det_2pi = self.head_dim * math.log(2 * math.pi) + self.log_det_covariance()
             bias = bias - 0.25 * log_det_2pi
         return bias
 
     def log_features(self, x: Tensor) -> Tensor:
-        """``l_s(x)`` for every slot: ``x [..., H, n, d]`` -> ``[..., H, n, K]`` in fp32.
+        """``l_s(x)`` for every slot: ``x [..., H, n, d]`` -> ``[..., H, n, K]`` in fp32 (fp64 for fp64).
 
         Uses the expanded quadratic form (two matmuls) so the cost is one GEMM, clamped at zero
         against round-off. Dead slots give ``-inf`` and so receive no gradient.
@@ -110,25 +120,24 @@ class SplatBank(nn.Module):
             raise ValueError(
                 f"expected inputs [..., {self.n_heads} heads, n, {self.head_dim}], got {tuple(x.shape)}"
             )
-        x = x.float()
         mahalanobis = self.mahalanobis(x)
-        logf = self.slot_bias().unsqueeze(-2) - 0.5 * mahalanobis
+        logf = self.slot_bias().to(mahalanobis.dtype).unsqueeze(-2) - 0.5 * mahalanobis
         return logf.masked_fill(~self.alive.unsqueeze(-2), float("-inf"))
 
     def mahalanobis(self, x: Tensor) -> Tensor:
         """``(x - mu_s)^T Sigma_s^{-1} (x - mu_s)`` for every slot, ``[..., H, n, K]``, fp32."""
-        x = x.float()
-        mu = self.centers.float()
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        mu = self.centers.to(dtype)
         if self.covariance == "full":
             # y_s = L_s^{-1} x and m_s = L_s^{-1} mu_s, then ||y_s - m_s||^2.
-            inv = torch.linalg.solve_triangular(
-                self.scale_tril(), torch.eye(self.head_dim, device=x.device).expand_as(self.scale_tril()),
-                upper=False,
-            )  # [H, K, d, d]
+            lower = self.scale_tril().to(dtype)
+            eye = torch.eye(self.head_dim, device=x.device, dtype=dtype).expand_as(lower)
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # [H, K, d, d]
             proj = torch.einsum("...hnd,hked->...hnke", x, inv)
             white_mu = torch.einsum("hked,hkd->hke", inv, mu)
             return (proj - white_mu.unsqueeze(-3)).square().sum(-1)
-        inv_var = (-2.0 * self.log_scale.float()).exp()
+        inv_var = (-2.0 * self.log_scale.to(dtype)).exp()
         if self.covariance == "isotropic":
             x_sq = x.square().sum(-1, keepdim=True) * inv_var.unsqueeze(-2)
             cross = (x @ mu.transpose(-1, -2)) * inv_var.unsqueeze(-2)

@@ -41,7 +41,7 @@ class DenseBackend:
         mask.check_shapes(batch, n_q, n_k)
         lq, lk = bank.log_features(q), bank.log_features(k)
         allowed = mask.allowed(n_q, n_k, device=q.device)
-        vf = v.float()
+        vf = v.to(lq.dtype)
         per_row = max(1, n_k * bank.capacity * heads * batch)
         block = max(1, min(n_q, self.params.block_elements // per_row))
         outs = []
