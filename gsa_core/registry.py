@@ -62,6 +62,8 @@ class PluginInfo:
     error: str | None = None
 
     def describe(self) -> str:
+        if self.status == "direct":
+            return f"module {self.name!r}"
         if self.distribution:
             return f"plugin {self.name!r} ({self.distribution} {self.version})"
         return f"plugin {self.name!r}"
@@ -92,7 +94,8 @@ def format_validation_error(err: pydantic.ValidationError, prefix: str = "") -> 
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{path or '<root>'}: {e['msg']}{got}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '<root>'}: {msg}{got}")
     return "; ".join(lines)
 
 
@@ -137,7 +140,7 @@ class Registry:
             )
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure must not break the rest
+            except Exception as exc:
                 self._fail(info, f"import failed: {type(exc).__name__}: {exc}")
                 continue
             self.load_plugin(plugin, info=info)
@@ -158,7 +161,7 @@ class Registry:
             self.ensure_loaded()
         try:
             self._pm.register(plugin, name=info.name)
-        except Exception as exc:  # noqa: BLE001 - bad hook signatures, double registration
+        except Exception as exc:
             self._fail(info, f"rejected by pluggy: {exc}")
             return
         impls = [i for i in self._pm.hook.gsa_register.get_hookimpls() if i.plugin is plugin]
@@ -171,7 +174,7 @@ class Registry:
             self._rollback(loading)
             self._pm.unregister(plugin)
             raise
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+        except Exception as exc:
             self._rollback(loading)
             self._pm.unregister(plugin)
             self._fail(info, f"gsa_register raised {type(exc).__name__}: {exc}")

@@ -52,7 +52,9 @@ class RandomInit(StrategyParams):
 
     scale_factor: float = Field(1.0, gt=0, description="splat std as a multiple of the data's spread")
 
-    def initialize(self, bank: SplatBank, queries: Tensor | None, keys: Tensor | None, *, generator: torch.Generator) -> None:
+    def initialize(
+        self, bank: SplatBank, queries: Tensor | None, keys: Tensor | None, *, generator: torch.Generator
+    ) -> None:
         h, k, d = bank.n_heads, bank.capacity, bank.head_dim
         data = pooled_vectors(bank, queries, keys)
         if data is None:

@@ -44,5 +44,7 @@ class AutoBackend:
                 return backend
         return self._cache.setdefault("dense", registry.build("backend", "dense"))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, dict[str, Any]]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
+    ) -> tuple[Tensor, dict[str, Any]]:
         return self.choose(mask, q.shape[-2], k.shape[-2]).forward(q, k, v, bank, mask)

@@ -35,7 +35,9 @@ class DenseBackend:
     def __init__(self, params: DenseParams | None = None) -> None:
         self.params = params or DenseParams()
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, dict[str, Any]]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
+    ) -> tuple[Tensor, dict[str, Any]]:
         batch, heads, n_q, _ = q.shape
         n_k = k.shape[-2]
         mask.check_shapes(batch, n_q, n_k)
