@@ -3,6 +3,7 @@
 Knows no model family and never imports ``transformers``.
 """
 
+from gsa_core.attention import GSAAttention, GSAMultiheadAttention
 from gsa_core.bank import SplatBank
 from gsa_core.config import GSAConfig
 from gsa_core.errors import (
@@ -30,7 +31,7 @@ from gsa_core.registry import Registry, StrategyParams, build, get_registry, sco
 
 __all__ = [
     "AttentionBackend", "BirthPolicy", "Births", "ConfigError", "DeathPolicy", "DuplicateComponentError",
-    "GSAConfig", "GSAError", "Initializer", "MaskNotSupportedError", "MaskSpec", "ModelAdapter",
-    "ParamsError", "RecurrentBackend", "Registry", "Scheduler", "SlotStats", "SplatBank", "StrategyParams",
-    "UnknownComponentError", "build", "get_registry", "hookimpl", "scoped_registry",
+    "GSAAttention", "GSAConfig", "GSAError", "GSAMultiheadAttention", "Initializer", "MaskNotSupportedError",
+    "MaskSpec", "ModelAdapter", "ParamsError", "RecurrentBackend", "Registry", "Scheduler", "SlotStats",
+    "SplatBank", "StrategyParams", "UnknownComponentError", "build", "get_registry", "hookimpl", "scoped_registry",
 ]
