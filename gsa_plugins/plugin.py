@@ -9,12 +9,13 @@ from gsa_core.registry import Registry
 @hookimpl
 def gsa_register(registry: Registry) -> None:
     from gsa_plugins import birth, death, initializers, schedulers
-    from gsa_plugins.backends import auto, dense, sparse
+    from gsa_plugins.backends import auto, dense, kernel, sparse
 
     registry.register("initializer", "random", initializers.RandomInit)
     registry.register("scheduler", "interval", schedulers.IntervalScheduler)
     registry.register("death", "low-mass", death.LowMassDeath)
     registry.register("birth", "clone", birth.CloneBirth)
     registry.register("backend", "dense", dense.DenseBackend, dense.DenseParams)
+    registry.register("backend", "kernel", kernel.KernelBackend, kernel.KernelParams)
     registry.register("backend", "sparse", sparse.SparseBackend, sparse.SparseParams)
     registry.register("backend", "auto", auto.AutoBackend, auto.AutoParams)
