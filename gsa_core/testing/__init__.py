@@ -17,9 +17,11 @@ from gsa_core.testing.backend_checks import (
     relative_rmse,
 )
 from gsa_core.testing.policy_checks import (
+    adaptation_stats,
     apply_births,
     check_adapter,
     check_birth_policy,
+    check_controller,
     check_death_policy,
     check_initializer,
     check_scheduler,
@@ -44,8 +46,9 @@ def check_component(kind: str, component: object, **kwargs: object) -> None:
 
 
 __all__ = [
-    "CHECKS", "BankSpec", "apply_births", "bank_specs", "check_adapter", "check_backend", "check_birth_policy",
-    "check_causal", "check_component", "check_death_policy", "check_extreme_inputs", "check_gradcheck",
+    "CHECKS", "BankSpec", "adaptation_stats", "apply_births", "bank_specs", "check_adapter", "check_backend",
+    "check_birth_policy", "check_causal", "check_component", "check_controller", "check_death_policy",
+    "check_extreme_inputs", "check_gradcheck",
     "check_initializer", "check_matches_reference", "check_padding", "check_permutation_equivariance",
     "check_prefill_then_step", "check_scheduler", "padding_mask", "random_qkv", "random_stats", "relative_rmse",
 ]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gsa_core.bank import SplatBank
-from gsa_core.protocols import BirthPolicy, Births, DeathPolicy, Initializer, ModelAdapter, Scheduler
+from gsa_core.protocols import BirthPolicy, Births, DeathPolicy, Initializer, ModelAdapter, Scheduler, SlotStats
 from gsa_core.testing.strategies import bank_specs, random_stats
 
 
@@ -97,25 +97,55 @@ def check_initializer(initializer: Initializer, *, max_examples: int = 20) -> No
 
 
 # ----------------------------------------------------------------------------- birth
-def apply_births(bank: SplatBank, births: Births) -> None:
-    """Write births into the bank exactly as the adaptation controller does."""
-    if len(births) == 0:
-        return
-    shape_key = "scale_tril_raw" if bank.covariance == "full" else "log_scale"
+def apply_births(bank: SplatBank, births: Births) -> torch.Tensor:
+    """Write births into the bank exactly as the adaptation controller does (sources first, then
+    targets); returns ``written [H, K]``, the slots whose values changed."""
+    from gsa_core.adaptation.ops import apply_births as _apply
+
+    return _apply(bank, births)
+
+
+def adaptation_stats(bank: SplatBank, seed: int, steps: int = 10) -> SlotStats:
+    """:func:`random_stats` plus what the adaptation controller adds (``WindowStats``): slot ages, coverage,
+    the window's typical token distance, and coverage-gap candidates - half of them next to alive
+    splats, half far from every splat - with their true distances to the bank."""
+    from gsa_core.adaptation.statistics import WindowStats, features_and_distance
+
+    base = random_stats(bank, seed, steps=steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    h, k, d = bank.n_heads, bank.capacity, bank.head_dim
     with torch.no_grad():
-        has_source = births.sources >= 0
-        if has_source.any():
-            bank.log_amplitude[births.heads[has_source], births.sources[has_source]] = (
-                births.source_log_amplitude[has_source].to(bank.log_amplitude)
-            )
-    bank.write_slots(births.heads, births.slots, centers=births.centers,
-                     log_amplitude=births.log_amplitude, **{shape_key: births.shape})
+        pick = torch.randint(0, k, (h, 12), generator=g)
+        centers = bank.centers.detach().float().gather(1, pick.unsqueeze(-1).expand(h, 12, d))
+        index = pick.unsqueeze(-1).expand(h, 12, d)
+        std = bank.scale_tril().detach().float().diagonal(dim1=-2, dim2=-1).gather(1, index)
+        noise = torch.randn(h, 12, d, generator=g)
+        far = torch.zeros(h, 12, 1)
+        far[:, 6:] = 8.0
+        points = centers + std * noise * (1.0 + far)
+        _, dist = features_and_distance(bank, points)
+        dist = dist.nan_to_num(posinf=1e30)
+        dist[:, -2:] = float("-inf")  # empty rows, as in a partly filled buffer
+        typical = dist.clamp_min(0).nan_to_num(0.0).median(-1).values
+    return WindowStats(
+        mass=base.mass, grad_norm=base.grad_norm, hits=base.hits, steps=base.steps,
+        age=torch.randint(0, max(steps, 1) + 1, (h, k), generator=g) * bank.alive,
+        coverage=torch.rand(h, generator=g), typical_distance=typical, gap_points=points, gap_dist=dist,
+    )
 
 
-def check_birth_policy(policy: BirthPolicy, *, max_examples: int = 20) -> None:
+def check_birth_policy(policy: BirthPolicy, *, max_examples: int = 20, mass_preserving: bool | None = None) -> None:
     """Births go to distinct dead slots, within capacity, from alive sources, with finite values,
-    deterministically under the generator."""
+    deterministically under the generator; a source the births rewrite (a split moves its parent)
+    appears once; the bank stays valid after applying them.
+
+    ``mass_preserving`` (default: the policy's ``preserves_mass`` attribute): also check that every
+    source and its copies together keep the source's amplitude (a mass-preserving split or relocation).
+    The statistics are :func:`adaptation_stats`, so coverage-based policies see gap candidates.
+    """
     assert isinstance(policy, BirthPolicy), f"{policy!r} does not implement BirthPolicy"
+    if mass_preserving is None:
+        mass_preserving = bool(getattr(policy, "preserves_mass", False))
 
     @st.composite
     def problem(draw: st.DrawFn):
@@ -125,7 +155,7 @@ def check_birth_policy(policy: BirthPolicy, *, max_examples: int = 20) -> None:
     def test(args) -> None:
         spec, seed, steps = args
         bank = spec.make()
-        stats = random_stats(bank, seed, steps=steps)
+        stats = adaptation_stats(bank, seed, steps=steps)
         who = type(policy).__name__
         births = policy.propose(bank, stats, generator=torch.Generator().manual_seed(seed))
         assert isinstance(births, Births), f"{who}: propose must return Births, got {type(births).__name__}"
@@ -147,16 +177,56 @@ def check_birth_policy(policy: BirthPolicy, *, max_examples: int = 20) -> None:
             for label, t in (("centers", births.centers), ("log_amplitude", births.log_amplitude),
                              ("shape", births.shape), ("source_log_amplitude", births.source_log_amplitude)):
                 assert torch.isfinite(t).all(), f"{who}: non-finite {label}"
+            _check_source_rewrites(births, bank, who)
         again = policy.propose(spec.make(), stats, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(again.slots, births.slots) and torch.equal(again.centers, births.centers), (
             f"{who}: same seed gave different births"
         )
         alive_before = int(bank.alive.sum())
+        amp_before = bank.log_amplitude.detach().double().exp().clone()
         apply_births(bank, births)
         assert int(bank.alive.sum()) == alive_before + n <= bank.n_heads * bank.capacity
         assert_valid_bank(bank, who)
+        if mass_preserving and n:
+            _check_mass_preserved(births, bank, amp_before, who)
 
     test()
+
+
+def _check_source_rewrites(births: Births, bank: SplatBank, who: str) -> None:
+    """Rows that rewrite their source (``source_centers``/``source_shape``) name each source once."""
+    centers = getattr(births, "source_centers", None)
+    shape = getattr(births, "source_shape", None)
+    if centers is None and shape is None:
+        return
+    n = len(births)
+    if centers is not None:
+        assert centers.shape == (n, bank.head_dim), f"{who}: source_centers must be [n, d]"
+        assert torch.isfinite(centers).all(), f"{who}: non-finite source_centers"
+    if shape is not None:
+        assert shape.shape == births.shape.shape, f"{who}: source_shape must match shape"
+        assert torch.isfinite(shape).all(), f"{who}: non-finite source_shape"
+    src = births.sources.long()
+    pairs = [(int(h), int(s)) for h, s in zip(births.heads.long(), src, strict=True) if s >= 0]
+    assert len(pairs) == len(set(pairs)), f"{who}: a rewritten source appears in more than one birth"
+
+
+def _check_mass_preserved(births: Births, bank: SplatBank, amp_before: torch.Tensor, who: str) -> None:
+    """Each source's amplitude before == its amplitude after + the amplitudes of its copies."""
+    amp_after = bank.log_amplitude.detach().double().exp()
+    totals: dict[tuple[int, int], float] = {}
+    for h, s, src in zip(births.heads.long().tolist(), births.slots.long().tolist(),
+                         births.sources.long().tolist(), strict=True):
+        if src < 0:
+            continue
+        totals.setdefault((h, src), float(amp_after[h, src]))
+        totals[(h, src)] += float(amp_after[h, s])
+    for (h, src), total in totals.items():
+        before = float(amp_before[h, src])
+        assert abs(total - before) <= 1e-5 * max(before, 1e-30), (
+            f"{who}: not mass-preserving: source ({h}, {src}) had amplitude {before:.6g}, it and its copies "
+            f"have {total:.6g}"
+        )
 
 
 # ----------------------------------------------------------------------------- death
@@ -172,7 +242,7 @@ def check_death_policy(policy: DeathPolicy, *, max_examples: int = 20) -> None:
     def test(args) -> None:
         spec, seed, steps = args
         bank = spec.make()
-        stats = random_stats(bank, seed, steps=steps)
+        stats = adaptation_stats(bank, seed, steps=steps)
         who = type(policy).__name__
         dead = policy.select(bank, stats)
         assert dead.dtype == torch.bool and dead.shape == bank.alive.shape, (
@@ -180,6 +250,14 @@ def check_death_policy(policy: DeathPolicy, *, max_examples: int = 20) -> None:
         )
         assert not (dead & ~bank.alive).any(), f"{who}: chose a slot that is already dead"
         assert torch.equal(dead, policy.select(bank, copy.deepcopy(stats))), f"{who}: not deterministic"
+        from gsa_core.adaptation.ops import limit_deaths
+
+        for min_alive in (1, 2, 3):  # the controller's limit keeps the alive minimum, whatever the policy says
+            limited = limit_deaths(bank.alive, dead, min_alive, priority=stats.mass)
+            assert not (limited & ~dead).any(), f"{who}: the alive minimum added a death"
+            left = (bank.alive & ~limited).sum(-1)
+            need = bank.alive.sum(-1).clamp(max=min_alive)
+            assert (left >= need).all(), f"{who}: a head fell below min_alive={min_alive}"
 
     test()
 
@@ -204,6 +282,91 @@ def check_scheduler(scheduler: Scheduler, *, max_examples: int = 50) -> None:
     test()
     for step in (-1, -2, -10, -100, -1000, -(2**20)):  # a few steps hypothesis may not draw
         assert scheduler.should_refine(step, None) is False, f"{who}: refined at negative step {step}"
+
+
+# ----------------------------------------------------------------------------- controller
+def check_controller(
+    make_model: Callable[[], torch.nn.Module],
+    loss_fn: Callable[[torch.nn.Module, int], torch.Tensor],
+    config: Any,
+    *,
+    steps: int = 12,
+    lr: float = 1e-2,
+    check_determinism: bool = True,
+) -> Any:
+    """Run an :class:`~gsa_core.adaptation.AdaptationController` from ``config`` (a ``GSAConfig``) for
+    ``steps`` training steps with Adam and check, at every step and for every bank:
+
+    - capacity never changes (every parameter keeps its shape) and no head falls below
+      ``config.bank.min_alive`` alive slots (given it started with at least that many);
+    - dead slots receive no gradient (every splat parameter's ``.grad`` is zero on dead slots);
+    - births only go to slots that were dead (alive count = before − deaths + births, per head, and
+      births never exceed the slots free after the deaths);
+    - every slot the refine wrote has zero Adam moments right after it;
+    - with ``check_determinism``, a second identical run gives a bit-identical model.
+
+    ``make_model()`` must build the same model each call (seed inside it); ``loss_fn(model, step)``
+    returns the step's loss. The controller refines whenever its scheduler says so; use an aggressive
+    schedule (e.g. ``interval`` with ``start=1, every=1``). Returns the first run's controller.
+    """
+    from gsa_core.adaptation import AdaptationController
+
+    def run() -> tuple[torch.nn.Module, Any]:
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        controller = AdaptationController(model, config, opt, force=True, grace_steps=0, stats_every=1)
+        banks = [t.bank for t in controller.banks]
+        assert banks, "check_controller: the model holds no SplatBank"
+        min_alive = controller.min_alive
+        shapes = [{k: tuple(v.shape) for k, v in b.state_dict().items()} for b in banks]
+        for step in range(steps):
+            loss = loss_fn(model, step)
+            loss.backward()
+            for b in banks:
+                for name, p in b.slot_parameters().items():
+                    if p.grad is not None:
+                        leak = p.grad[~b.alive]
+                        assert bool((leak == 0).all()), f"dead slots received a gradient in {name} at step {step}"
+            controller.after_backward(step)
+            opt.step()
+            before = [(b.alive.clone(), {k: v.detach().clone() for k, v in b.slot_parameters().items()})
+                      for b in banks]
+            report = controller.step(step)
+            opt.zero_grad(set_to_none=True)
+            for i, b in enumerate(banks):
+                now = {k: tuple(v.shape) for k, v in b.state_dict().items()}
+                assert now == shapes[i], f"capacity changed at step {step}: {shapes[i]} -> {now}"
+                alive_before, params_before = before[i]
+                assert (b.alive.sum(-1) >= min(min_alive, b.capacity)).all(), (
+                    f"a head fell below min_alive={min_alive} at step {step}: {b.alive.sum(-1).tolist()}")
+                if report is None:
+                    assert torch.equal(b.alive, alive_before), f"alive changed without a refine at step {step}"
+                    continue
+                rec = report.records[i]
+                births, deaths = torch.tensor(rec.births_per_head), torch.tensor(rec.deaths_per_head)
+                assert torch.equal(b.alive.sum(-1), alive_before.sum(-1) - deaths + births), (
+                    f"alive count does not add up at step {step}")
+                free_after_deaths = b.capacity - alive_before.sum(-1) + deaths
+                assert (births <= free_after_deaths).all(), f"more births than free slots at step {step}"
+                changed = torch.zeros_like(b.alive)
+                for name, p in b.slot_parameters().items():
+                    diff = (p.detach() != params_before[name])
+                    changed |= diff.reshape(*diff.shape[:2], -1).any(-1)
+                for name, p in b.slot_parameters().items():
+                    state = opt.state.get(p, {})
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in state:
+                            moments = state[key][changed]
+                            assert bool((moments == 0).all()), f"{key} of a written slot not zeroed ({name})"
+        return model, controller
+
+    model, controller = run()
+    if check_determinism:
+        again, _ = run()
+        for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+            assert torch.equal(a, b), f"two identical runs differ in {key}: adaptation is not deterministic"
+    controller.remove_hooks()
+    return controller
 
 
 # ----------------------------------------------------------------------------- adapter
