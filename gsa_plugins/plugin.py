@@ -12,6 +12,8 @@ def gsa_register(registry: Registry) -> None:
     from gsa_plugins.backends import auto, dense, kernel, sparse
 
     registry.register("initializer", "random", initializers.RandomInit)
+    registry.register("initializer", "kmeans", initializers.KMeansInit)
+    registry.register("initializer", "pca", initializers.PCAInit)
     registry.register("scheduler", "interval", schedulers.IntervalScheduler)
     registry.register("scheduler", "decaying", schedulers.DecayingScheduler)
     registry.register("scheduler", "shift", schedulers.ShiftScheduler)
