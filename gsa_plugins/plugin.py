@@ -29,3 +29,10 @@ def gsa_register(registry: Registry) -> None:
     registry.register("backend", "kernel", kernel.KernelBackend, kernel.KernelParams)
     registry.register("backend", "sparse", sparse.SparseBackend, sparse.SparseParams)
     registry.register("backend", "auto", auto.AutoBackend, auto.AutoParams)
+    from gsa_plugins.adapters import bert, encoder_decoder, gpt_neo, llama
+
+    registry.register("adapter", "gpt-neo", gpt_neo.GPTNeoAdapter, gpt_neo.GPTNeoAdapter.params_model)
+    registry.register("adapter", "bert", bert.BertAdapter, bert.BertAdapter.params_model)
+    registry.register("adapter", "llama", llama.LlamaAdapter, llama.LlamaAdapter.params_model)
+    registry.register("adapter", "encoder-decoder", encoder_decoder.EncoderDecoderAdapter,
+                      encoder_decoder.EncoderDecoderParams)

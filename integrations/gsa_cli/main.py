@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gsa_cli import commands_bench, commands_config, commands_demo, commands_plugins
+from gsa_cli import commands_bench, commands_config, commands_convert, commands_demo, commands_plugins
 from gsa_cli.output import error
 from gsa_core.errors import GSAError
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_config.add_arguments(sub.add_parser("config", help="validate configs, export the JSON Schema"))
     commands_demo.add_arguments(sub.add_parser("demo", help="end-to-end demo on the embedded default (no download)"))
     commands_bench.add_arguments(sub.add_parser("bench", help="run a benchmark; writes JSON and a plot"))
+    commands_convert.add_arguments(sub.add_parser("convert", help="convert a Hugging Face model to GSA and save it"))
     return parser
 
 

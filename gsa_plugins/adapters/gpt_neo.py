@@ -1,0 +1,113 @@
+"""``gpt-neo``: GPT-Neo's ``GPTNeoSelfAttention`` with ``_attn`` overridden.
+
+The module keeps its class structure and its input/output interface (a subclass swapped in place),
+so Hugging Face loading, the ``DynamicCache`` and ``generate()`` work unchanged. Per layer type the
+params choose ``gsa``, ``exact`` (the original softmax) or ``hybrid`` (exact over the last
+``hybrid_window`` keys plus GSA for older keys, one normaliser). A local layer in ``gsa`` mode keeps
+its sliding window (only the ``dense`` backend serves windows); ``hybrid`` extends it with GSA.
+GPT-Neo has no ``1/sqrt(d)`` logit scale, and neither has GSA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+from torch import nn
+
+from gsa_plugins.adapters.base import (
+    AdapterParams,
+    HFAdapter,
+    Site,
+    UnsupportedModelError,
+    describe_model,
+    only_converted,
+)
+from gsa_plugins.adapters.layers import Mode
+
+if TYPE_CHECKING:
+    from gsa_calibrate.collect import AttentionLayer
+
+
+class GPTNeoParams(AdapterParams):
+    global_layers: Mode = Field("gsa", description="mode of the global (full causal) layers")
+    local_layers: Mode = Field("exact", description="mode of the local (sliding-window) layers")
+
+
+@functools.cache
+def gsa_self_attention_class() -> type:
+    """``GPTNeoSelfAttention`` with ``_attn`` routed through the attached ``gsa`` layer."""
+    from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+
+    class GSAGPTNeoSelfAttention(GPTNeoSelfAttention):
+        """GPT-Neo self-attention whose ``_attn`` is Gaussian Splat Attention unless switched off."""
+
+        def _attn(self, query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
+            layer = self._modules.get("gsa")
+            if layer is None or layer.passthrough:
+                return super()._attn(query, key, value, attention_mask)
+            batch, _, n_q, _ = query.shape
+            # The model's mask (eager: additive 0 / min) is causal plus padding; the window is ours to add.
+            spec = layer.masks.spec(attention_mask, batch, n_q, key.shape[-2], causal=True)
+            return layer.attend(query, key, value, spec), None
+
+    GSAGPTNeoSelfAttention.__module__ = __name__
+    GSAGPTNeoSelfAttention.__qualname__ = "GSAGPTNeoSelfAttention"
+    return GSAGPTNeoSelfAttention
+
+
+def __getattr__(name: str) -> type:
+    if name == "GSAGPTNeoSelfAttention":  # created lazily (imports transformers); also for pickle
+        return gsa_self_attention_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class GPTNeoAdapter(HFAdapter):
+    """GPT-Neo: GPTNeoSelfAttention subclass with _attn overridden; global/local layer modes."""
+
+    name = "gpt-neo"
+    model_types = ("gpt_neo",)
+    params_model = GPTNeoParams
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+
+        base = getattr(model, "base_model", model)
+        names = {id(m): n for n, m in model.named_modules()}
+        sites = []
+        for i, block in enumerate(getattr(base, "h", [])):
+            module = block.attn.attention
+            if type(module) is not GPTNeoSelfAttention and not isinstance(module, gsa_self_attention_class()):
+                raise UnsupportedModelError(
+                    f"{describe_model(model)} layer {i} uses {type(module).__name__}; the gpt-neo adapter wraps "
+                    "the eager GPTNeoSelfAttention: load the model with attn_implementation='eager'"
+                )
+            local = module.attention_type == "local"
+            sites.append(Site(
+                name=names[id(module)], module=module, layer=i, kind=module.attention_type,
+                n_heads=module.num_heads, head_dim=module.head_dim, scaling=1.0, causal=True,
+                window=int(module.config.window_size) if local else None,
+            ))
+        return sites
+
+    def default_mode(self, site: Site, params: AdapterParams) -> Mode:
+        assert isinstance(params, GPTNeoParams)
+        return params.local_layers if site.kind == "local" else params.global_layers
+
+    def default_hybrid_window(self, model: nn.Module) -> int | None:
+        return int(model.config.window_size)
+
+    def install(self, model: nn.Module, sites: list[Site], params: AdapterParams) -> None:
+        cls = gsa_self_attention_class()
+        for site in sites:
+            site.module.__class__ = cls
+
+    def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
+        """``q_proj``/``k_proj``/``v_proj`` of every layer (scaling 1); before conversion every layer, after
+        it the layers that have a splat bank."""
+        from gsa_calibrate.collect import AttentionLayer
+
+        layers = [AttentionLayer(name=s.name, query=s.module.q_proj, key=s.module.k_proj, value=s.module.v_proj,
+                                 n_heads=s.n_heads, head_dim=s.head_dim, scaling=1.0) for s in self.sites(model)]
+        return only_converted(model, layers)

@@ -1,0 +1,214 @@
+"""The per-layer GSA module the adapters attach, Hugging Face masks as :class:`MaskSpec`, hybrid attention.
+
+Torch only: nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gsa_core.attention import GSAAttention
+from gsa_core.bank import SplatBank
+from gsa_core.calibration import gsa_input_scale
+from gsa_core.config import GSAConfig
+from gsa_core.masks import MaskSpec
+from gsa_core.numerics import NEG_INF, safe_softmax
+from gsa_plugins.backends.dense import pair_log_weights
+
+Mode = Literal["gsa", "exact", "hybrid"]
+MODES: tuple[str, ...] = ("gsa", "exact", "hybrid")
+
+
+# ----------------------------------------------------------------------------- masks
+def allowed_from_hf(mask: Tensor | None) -> Tensor | None:
+    """A Hugging Face 4-D attention mask as bool "may attend".
+
+    Bool masks (``sdpa``) already mean True = attend; float masks (``eager``) are additive and must hold
+    0 (attend) or a large negative value (the dtype's minimum or ``-inf``).
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"attention mask must be bool or floating point, got {mask.dtype}")
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        raise ValueError(
+            "GSA serves boolean attention masks only: this additive mask holds values other than 0 and "
+            "the dtype's minimum (a position bias such as ALiBi cannot be represented by GSA)"
+        )
+    return allowed
+
+
+def _spec_allowed(spec: MaskSpec, batch: int, n_q: int, n_k: int, device: torch.device) -> Tensor:
+    return spec.allowed(n_q, n_k, device=device)[:, 0].expand(batch, n_q, n_k)
+
+
+def spec_from_allowed(allowed: Tensor, batch: int, n_q: int, n_k: int, *, causal: bool) -> MaskSpec:
+    """The structured :class:`MaskSpec` equal to ``allowed [B|1, H|1, n_q, n_k]`` (True = attend).
+
+    Recognises causal (queries aligned to the last keys, as with a cache) plus key padding, and
+    non-causal key padding (self- or cross-attention); anything else becomes an ``attend`` mask, which
+    only the ``dense`` backend serves. The result is verified against ``allowed`` element by element.
+    """
+    if allowed.dim() != 4:
+        raise ValueError(f"expected a 4-D attention mask [batch, heads, {n_q}, {n_k}], got {tuple(allowed.shape)}")
+    a = allowed.to(torch.bool).expand(batch, -1, n_q, n_k)
+    if a.shape[1] != 1:
+        if not bool((a == a[:, :1]).all()):
+            return MaskSpec(attend=a)
+        a = a[:, :1]
+    a = a[:, 0]
+    # Causal (bottom-right aligned): the last query sees every real key. Otherwise: any query sees it.
+    key_padding = a[:, -1, :] if causal else a.any(dim=1)
+    spec = MaskSpec(causal=causal, key_padding=None if bool(key_padding.all()) else key_padding.contiguous())
+    if torch.equal(_spec_allowed(spec, batch, n_q, n_k, a.device), a):
+        return spec
+    if causal:  # maybe not causal after all (e.g. a bidirectional mask in a causal-capable module)
+        other = spec_from_allowed(allowed, batch, n_q, n_k, causal=False)
+        if other.attend is None:
+            return other
+    return MaskSpec(attend=a.unsqueeze(1))
+
+
+class MaskCache:
+    """Remembers the spec of the last mask tensor (weakly): every layer of one forward gets the same mask."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[Tensor] | None = None
+        self._key: tuple[int, int, int, bool] | None = None
+        self._spec: MaskSpec | None = None
+
+    def spec(self, mask: Tensor | None, batch: int, n_q: int, n_k: int, *, causal: bool) -> MaskSpec:
+        if mask is None:
+            # No mask: causal modules attend causally (aligned to the last keys), the others to everything.
+            return MaskSpec(causal=causal and n_q > 1)
+        key = (mask._version, n_q, n_k, causal)
+        if self._ref is not None and self._ref() is mask and self._key == key and self._spec is not None:
+            return self._spec
+        spec = spec_from_allowed(allowed_from_hf(mask), batch, n_q, n_k, causal=causal)
+        self._ref, self._key, self._spec = weakref.ref(mask), key, spec
+        return spec
+
+
+# ----------------------------------------------------------------------------- hybrid
+def hybrid_attention(
+    q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec, *, scaling: float, window: int,
+    block_elements: int = 1 << 24,
+) -> Tensor:
+    """Exact softmax over the last ``window`` keys plus GSA for older keys, under one shared normaliser.
+
+    For query ``i`` at key position ``p_i``: keys ``p_i - window < j <= p_i`` score the exact logit
+    ``scaling * q_i·k_j``; visible older keys score the GSA log-weight ``log w_ij`` (computed on
+    ``q, k`` in GSA space); then one softmax over all of them. Dense: ``O(n_q·n_k·K)``, in query blocks.
+    ``mask`` must be causal (padding allowed). Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
+    """
+    if not mask.causal:
+        raise ValueError("hybrid attention needs a causal mask (the window counts past keys)")
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[-2]
+    device = q.device
+    allowed = mask.allowed(n_q, n_k, device=device)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = gsa_input_scale(scaling)
+    lq = bank.log_features(qf * scale if scale != 1.0 else qf)
+    lk = bank.log_features(kf * scale if scale != 1.0 else kf)
+    q_pos = torch.arange(n_q, device=device) + mask.offset(n_q, n_k)
+    k_pos = torch.arange(n_k, device=device)
+    per_row = max(1, n_k * bank.capacity * heads * batch)
+    block = max(1, min(n_q, block_elements // per_row))
+    outs = []
+    kt = kf.transpose(-1, -2)
+    for start in range(0, n_q, block):
+        sl = slice(start, min(n_q, start + block))
+        exact = torch.matmul(qf[..., sl, :], kt)
+        if scaling != 1.0:
+            exact = exact * scaling
+        logw = pair_log_weights(lq[..., sl, :], lk)
+        in_window = k_pos.unsqueeze(0) > (q_pos[sl].unsqueeze(1) - window)
+        scores = torch.where(in_window, exact, logw)
+        allow = allowed[..., sl, :] if allowed.shape[-2] > 1 else allowed
+        scores = scores.masked_fill(~allow, NEG_INF)
+        outs.append(safe_softmax(scores, dim=-1) @ vf)
+    out = torch.cat(outs, dim=-2)
+    if mask.query_padding is not None:
+        out = out * mask.query_padding[:, None, :, None].to(out.dtype)
+    return out.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- the attached module
+class GSALayer(GSAAttention):
+    """The GSA attention an adapter attaches to one attention module (as its ``gsa`` submodule).
+
+    Holds the splat bank (``.bank``) and how this layer attends: ``mode`` ``"gsa"`` (GSA through the
+    configured backend) or ``"hybrid"`` (exact sliding window plus GSA, one normaliser); ``passthrough``
+    switches GSA off (the host module then runs its original attention, the bank is unused).
+    ``scaling`` is the host's logit factor (``q·k * scaling``): GSA sees ``q, k * sqrt(scaling)``
+    (``gsa_core.calibration.to_gsa_space``). ``window``: the host's own sliding window, kept in
+    ``gsa`` mode; ``hybrid_window``: keys per query computed exactly in ``hybrid`` mode.
+    ``q_in``/``k_in`` are identity modules called with the ``[B, T, H*d]`` queries/keys the layer sees
+    whenever a hook is registered on them (calibration of families whose projections are not those).
+    """
+
+    def __init__(
+        self, n_heads: int, head_dim: int, config: GSAConfig, *, mode: Mode, scaling: float = 1.0,
+        causal: bool = True, window: int | None = None, hybrid_window: int | None = None, passthrough: bool = False,
+    ) -> None:
+        super().__init__(n_heads, head_dim, config)
+        if mode not in ("gsa", "hybrid"):
+            raise ValueError(f"a GSALayer runs mode 'gsa' or 'hybrid', got {mode!r}")
+        if mode == "hybrid" and (not causal or hybrid_window is None):
+            raise ValueError("hybrid mode needs a causal layer and a hybrid_window")
+        self.mode: Mode = mode
+        self.scaling = float(scaling)
+        self.causal = causal
+        self.window = window
+        self.hybrid_window = hybrid_window
+        self.passthrough = passthrough
+        self.q_in = nn.Identity()
+        self.k_in = nn.Identity()
+        self.masks = MaskCache()
+
+    @property
+    def active(self) -> bool:
+        """Whether GSA computes this layer's attention (False in passthrough)."""
+        return not self.passthrough
+
+    def capturing(self) -> bool:
+        return bool(self.q_in._forward_hooks or self.k_in._forward_hooks)
+
+    def capture(self, q: Tensor, k: Tensor) -> None:
+        """Feed ``q, k [B, H, n, d]`` to the capture modules as ``[B, n, H*d]`` (only when hooked)."""
+        if self.capturing():
+            self.q_in(q.transpose(1, 2).flatten(2))
+            self.k_in(k.transpose(1, 2).flatten(2))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
+        """``q [B, H, n_q, d]``, ``k, v [B, H, n_k, ·]`` in the host's space -> ``[B, H, n_q, d_v]``."""
+        if self.mode == "hybrid":
+            assert self.hybrid_window is not None
+            return hybrid_attention(q, k, v, self.bank, mask, scaling=self.scaling, window=self.hybrid_window)
+        if self.window is not None:
+            mask = dataclasses.replace(mask, causal=True, window=self.window)
+        scale = gsa_input_scale(self.scaling)
+        if scale != 1.0:
+            q, k = q * scale, k * scale
+        return self(q, k, v, mask)
+
+    def extra_repr(self) -> str:
+        extra = f", window={self.window}" if self.window is not None else ""
+        if self.mode == "hybrid":
+            extra += f", hybrid_window={self.hybrid_window}"
+        return (f"{super().extra_repr()}, mode={self.mode!r}, scaling={self.scaling:.4g}{extra}, "
+                f"passthrough={self.passthrough}")
+
+
+__all__ = ["MODES", "GSALayer", "MaskCache", "Mode", "allowed_from_hf", "hybrid_attention", "spec_from_allowed"]

@@ -1,0 +1,113 @@
+"""``gsa convert SRC DST [--config FILE]``: convert a Hugging Face model to GSA and save it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gsa_cli.output import print_json
+
+TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece", "sentencepiece")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="model folder (or hub id, where the hub is reachable)")
+    parser.add_argument("dst", type=Path, help="folder to write the converted model to")
+    parser.add_argument("--config", type=Path, help="GSA config file (TOML/JSON/YAML); default: all defaults")
+    parser.add_argument("--adapter", help="adapter name (default: the config's, else detected from the model)")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="convert with GSA switched off (outputs identical to the original)")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload DST and check it reproduces the converted model (and, with --passthrough, "
+                             "the original) exactly")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.set_defaults(handler=run)
+
+
+def _load_source(src: str) -> Any:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(src)
+    kwargs: dict[str, Any] = {}
+    if getattr(config, "model_type", None) == "gpt_neo":
+        kwargs["attn_implementation"] = "eager"  # the gpt-neo adapter wraps the eager attention class
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if not isinstance(cls, type):
+        cls = AutoModel
+    return cls.from_pretrained(src, **kwargs)
+
+
+def _copy_tokenizer(src: str, dst: Path) -> list[str]:
+    folder = Path(src)
+    if not folder.is_dir():
+        return []
+    copied = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.startswith(TOKENIZER_PREFIXES) and not (dst / path.name).exists():
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _probe(model: Any) -> Any:
+    import torch
+
+    vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def run(args: argparse.Namespace) -> int:
+    from gsa_core.config import GSAConfig
+    from gsa_plugins.adapters import convert, detect_adapter, gsa_layers, load_converted
+    from gsa_plugins.adapters.base import as_gsa_config
+
+    cfg = as_gsa_config(args.config) if args.config else GSAConfig()  # config errors before the slow load
+    start = time.perf_counter()
+    model = _load_source(args.src).eval()
+    if args.passthrough:
+        name = args.adapter or (cfg.adapter.name if cfg.adapter else None) or detect_adapter(model).name
+        params = dict(cfg.adapter.params) if cfg.adapter and cfg.adapter.name == name else {}
+        cfg = cfg.with_updates(adapter={"name": name, "params": {**params, "passthrough": True}})
+    reference = _probe(model) if args.verify and args.passthrough else None
+    original_class = type(model).__name__
+    convert(model, cfg, adapter=args.adapter)
+    args.dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.dst)
+    tokenizer_files = _copy_tokenizer(args.src, args.dst)
+    adapter = model.config.gsa["adapter"]
+    summary: dict[str, Any] = {
+        "src": args.src, "dst": str(args.dst), "model": original_class, "saved_as": type(model).__name__,
+        "adapter": adapter["name"], "gsa_layers": len(gsa_layers(model)),
+        "passthrough": bool(adapter["params"].get("passthrough")), "tokenizer_files": tokenizer_files,
+    }
+    if args.verify:
+        converted = _probe(model)
+        again = load_converted(args.dst).eval()
+        summary["reload_max_abs_diff"] = float((_probe(again) - converted).abs().max())
+        if reference is not None:
+            summary["passthrough_max_abs_diff"] = float((converted - reference).abs().max())
+        diffs = (summary["reload_max_abs_diff"], summary.get("passthrough_max_abs_diff", 0.0))
+        summary["verified"] = all(d == 0.0 for d in diffs)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"converted {original_class} with adapter {summary['adapter']!r}: {summary['gsa_layers']} GSA layers"
+              f"{' (passthrough)' if summary['passthrough'] else ''} -> {args.dst}")
+        if args.verify:
+            line = f"reload max abs diff {summary['reload_max_abs_diff']}"
+            if "passthrough_max_abs_diff" in summary:
+                line += f", passthrough vs original {summary['passthrough_max_abs_diff']}"
+            print(line)
+    return 0 if summary.get("verified", True) else 1
