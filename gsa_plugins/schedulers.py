@@ -10,46 +10,46 @@ from pydantic import Field, model_validator
 from gsa_core.registry import StrategyParams
 
 
-class IntervalScheduler(StrategyParams):
-    """Refine every ``every`` steps from ``start`` (inclusive) until ``stop`` (exclusive)."""
+class _Window(StrategyParams):
+    """A refine window ``[start, stop)`` shared by the step-based schedulers."""
 
     start: int = Field(100, ge=0)
-    every: int = Field(100, ge=1)
     stop: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> IntervalScheduler:
+    def _ordered(self) -> _Window:
         if self.stop is not None and self.stop < self.start:
             raise ValueError(f"stop ({self.stop}) must not be before start ({self.start})")
         return self
 
+    def in_window(self, step: int) -> bool:
+        return self.start <= step and (self.stop is None or step < self.stop)
+
+
+class IntervalScheduler(_Window):
+    """Refine every ``every`` steps from ``start`` (inclusive) until ``stop`` (exclusive)."""
+
+    every: int = Field(100, ge=1)
+
     def should_refine(self, step: int, signals: Mapping[str, float] | None = None) -> bool:
-        if step < self.start or (self.stop is not None and step >= self.stop):
+        if not self.in_window(step):
             return False
         return (step - self.start) % self.every == 0
 
 
-class DecayingScheduler(StrategyParams):
+class DecayingScheduler(_Window):
     """Refine often early and ever more rarely: the gaps between refines grow by ``growth``.
 
     Refines at ``start``, ``start + every``, then each gap is ``growth`` times the previous one (rounded,
     at most ``max_every``), until ``stop`` (exclusive).
     """
 
-    start: int = Field(100, ge=0)
     every: int = Field(50, ge=1, description="the first gap")
     growth: float = Field(1.5, ge=1.0, description="each gap is this many times the previous one (< 1.001: constant)")
     max_every: int | None = Field(None, ge=1, description="cap on the gap")
-    stop: int | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> DecayingScheduler:
-        if self.stop is not None and self.stop < self.start:
-            raise ValueError(f"stop ({self.stop}) must not be before start ({self.start})")
-        return self
 
     def should_refine(self, step: int, signals: Mapping[str, float] | None = None) -> bool:
-        if step < self.start or (self.stop is not None and step >= self.stop):
+        if not self.in_window(step):
             return False
         if self.growth < 1.001:
             return (step - self.start) % self.every == 0
@@ -65,7 +65,7 @@ class DecayingScheduler(StrategyParams):
         return at == step
 
 
-class ShiftScheduler(StrategyParams):
+class ShiftScheduler(_Window):
     """Refine when the distribution of queries/keys shifts (plus, optionally, every ``every`` steps).
 
     The controller runs a :class:`gsa_core.adaptation.shift.ShiftDetector` built from these params
@@ -84,14 +84,13 @@ class ShiftScheduler(StrategyParams):
     burst: int = Field(3, ge=1, description="refines per detected shift")
     burst_every: int = Field(10, ge=1, description="steps between the refines of one burst")
     every: int | None = Field(None, ge=1, description="also refine every this many steps (None: only on shifts)")
-    stop: int | None = Field(None, ge=0)
 
     def detector_params(self) -> dict[str, float]:
         """What the controller needs to build the detector."""
         return {"window": self.window, "threshold": self.threshold, "check_every": self.check_every}
 
     def should_refine(self, step: int, signals: Mapping[str, float] | None = None) -> bool:
-        if step < self.start or (self.stop is not None and step >= self.stop):
+        if not self.in_window(step):
             return False
         if self.every is not None and (step - self.start) % self.every == 0:
             return True

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
+from gsa_demo.model import CharGSALM, CharLMShape
+from gsa_demo.run import default_config_path, run_demo
 from rich.console import Console
 
 from gsa_core.config import GSAConfig
-from gsa_demo.model import CharGSALM, CharLMShape
-from gsa_demo.run import default_config_path, run_demo
 
 
 def test_embedded_default_config_validates():
@@ -31,7 +31,7 @@ def test_recurrent_state_size_does_not_grow():
     model = CharGSALM(CharLMShape(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_len=128),
                       GSAConfig.from_dict({"bank": {"n_splats": 4}}))
     prompt = torch.randint(0, 20, (1, 5))
-    short, bytes_short = model.generate(prompt, 4)
+    _, bytes_short = model.generate(prompt, 4)
     long, bytes_long = model.generate(prompt, 60)
     assert bytes_short == bytes_long > 0
     reference, _ = model.generate(prompt, 60, recurrent=False)

@@ -97,6 +97,12 @@ def check_initializer(initializer: Initializer, *, max_examples: int = 20) -> No
 
 
 # ----------------------------------------------------------------------------- birth
+@st.composite
+def _bank_seed_steps(draw: st.DrawFn) -> tuple:
+    """A bank spec, a seed for statistics and generator, and a statistics window length."""
+    return draw(bank_specs(max_capacity=16)), draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 50))
+
+
 def apply_births(bank: SplatBank, births: Births) -> torch.Tensor:
     """Write births into the bank exactly as the adaptation controller does (sources first, then
     targets); returns ``written [H, K]``, the slots whose values changed."""
@@ -147,11 +153,7 @@ def check_birth_policy(policy: BirthPolicy, *, max_examples: int = 20, mass_pres
     if mass_preserving is None:
         mass_preserving = bool(getattr(policy, "preserves_mass", False))
 
-    @st.composite
-    def problem(draw: st.DrawFn):
-        return draw(bank_specs(max_capacity=16)), draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 50))
-
-    @_property(problem(), max_examples)
+    @_property(_bank_seed_steps(), max_examples)
     def test(args) -> None:
         spec, seed, steps = args
         bank = spec.make()
@@ -234,11 +236,7 @@ def check_death_policy(policy: DeathPolicy, *, max_examples: int = 20) -> None:
     """Chooses only alive slots, as a ``bool [H, K]``, deterministically."""
     assert isinstance(policy, DeathPolicy), f"{policy!r} does not implement DeathPolicy"
 
-    @st.composite
-    def problem(draw: st.DrawFn):
-        return draw(bank_specs(max_capacity=16)), draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 50))
-
-    @_property(problem(), max_examples)
+    @_property(_bank_seed_steps(), max_examples)
     def test(args) -> None:
         spec, seed, steps = args
         bank = spec.make()

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gsa_data.corpus import load_corpus, split_documents
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gsa_core.config import GSAConfig
 from gsa_core.registry import get_registry
 from gsa_core.testing import relative_rmse
-from gsa_data.corpus import load_corpus, split_documents
 from gsa_demo.model import CharGSALM, CharLMShape
 
 DEFAULT_CONFIG = "default.toml"
@@ -108,11 +108,11 @@ def run_demo(*, steps: int = 300, seed: int = 0, length: int = 128, batch: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     history = []
     start = time.perf_counter()
-    columns = [TextColumn("  training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-               TimeRemainingColumn()]
+    columns = [TextColumn("  training"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=steps, loss="-")
-        for step in range(1, steps + 1):
+        for _ in range(steps):
             x, y = sample_batch(train, batch, length, g)
             loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)
