@@ -25,6 +25,16 @@ from gsa_plugins.backends.kernel import KernelBackend, KernelParams, KernelState
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: with several threads, BLAS/OpenMP fork-join overhead dominates (and
+    explodes on a loaded machine). Results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_bank(heads: int = 2, dim: int = 8, capacity: int = 12, covariance: str = "diagonal",
               seed: int = 0, dead: tuple[int, ...] = (3,)) -> SplatBank:
     bank = SplatBank(heads, dim, capacity, covariance)  # type: ignore[arg-type]
@@ -198,6 +208,21 @@ def _prefill_and_step(backend: KernelBackend, bank: SplatBank, q, k, v, n: int):
         assert torch.equal(state.z[1], before.z[1]) and torch.equal(state.M[1], before.M[1])
         outs.append(o)
     return torch.cat(outs, dim=-2).detach()
+
+
+def test_prefill_state_covers_every_key() -> None:
+    """With an explicit query offset the queries stop before the last key; the state still holds all keys."""
+    bank = make_bank()
+    backend = KernelBackend(KernelParams(chunk_size=4))
+    q, k, v = qkv(bank, 2, 9, 20)
+    mask = MaskSpec(causal=True, query_offset=2)
+    out, state = backend.prefill(q[..., :8, :], k, v, bank, mask)
+    ref, _ = DenseBackend().forward(q[..., :8, :], k, v, bank, mask)
+    assert relative_rmse(out, ref) <= TOL
+    o, _ = backend.step(q[..., 8:, :], k[..., -1:, :], v[..., -1:, :], bank, state)
+    keys, values = torch.cat([k, k[..., -1:, :]], dim=-2), torch.cat([v, v[..., -1:, :]], dim=-2)
+    ref_step, _ = DenseBackend().forward(q[..., 8:, :], keys, values, bank, MaskSpec())
+    assert relative_rmse(o, ref_step) <= TOL
 
 
 def test_registry_build_and_params() -> None:

@@ -1,27 +1,25 @@
 """``kernel``: exact GSA attention in ``O(n·K·(C + d))`` time with an ``O(K·d)`` recurrent state.
 
-Because ``w_tj = Σ_s exp(lq_ts + lk_js)`` factorises through the splats, attention is a linear
-attention with feature map ``phi_s = exp(l_s)`` (DESIGN.md section 2). Everything is done in log space
-without any epsilon:
+Because ``w_tj = Σ_s exp(lq_ts + lk_js)`` factorises through the splats, GSA is a linear attention
+with feature map ``phi_s = exp(l_s)`` (DESIGN.md section 2). Everything stays in log space, without
+any epsilon:
 
-- per splat the state keeps ``z_s = logsumexp_j lk_js`` over the keys seen so far and the *normalised*
-  memory ``M_s = Σ_j exp(lk_js - z_s) v_j`` (a convex combination of values, so bounded);
-  ``o_t = Σ_s softmax_s(lq_ts + z_s) · M_s``;
-- causal attention runs in chunks of ``C`` tokens. The state is carried across chunks with
-  ``exp(z_old - z_new) <= 1`` rescaling; inside a chunk the pair weights are one matmul
-  ``w_tj = exp(mA_t) · (P Qᵀ)_tj`` with ``Q = exp(lk - mk)``, ``P = exp(lq + mk - mA)`` (``mk`` the
-  per-splat max over the chunk's keys, ``mA_t = max_s lq_ts + mk_s``), and the past-state term and
-  the intra-chunk term share one per-row stabiliser before normalising;
-- every stabiliser is a max over a chunk or a row, never over the whole sequence, so causal outputs
-  never depend on later chunks and prefill-then-decode equals one forward.
+- per splat the state keeps ``z_s = logsumexp_j lk_js`` over the keys seen so far and the
+  *normalised* memory ``M_s = Σ_j exp(lk_js - z_s) v_j`` (a convex combination of values, so
+  bounded); then ``o_t = Σ_s softmax_s(lq_ts + z_s) · M_s``. Non-causal and cross-attention build the
+  state over all keys and read it with one matmul;
+- causal attention runs in chunks of ``C`` tokens: the state is carried across chunks with
+  ``exp(z_old - z_new) <= 1`` rescaling, and inside a chunk the past-state term and the intra-chunk
+  pair weights (one ``[C, K] x [K, C]`` matmul) are combined under one shared per-row stabiliser
+  before normalising (see :func:`_causal_chunks` for the exact arithmetic);
+- every stabiliser is a max over one chunk, one row or one splat's keys of a chunk, never over the
+  whole sequence, so causal outputs never depend on later chunks and prefill-then-decode equals one
+  forward. A row whose chunk stabiliser was set by a much larger *future* key of the same chunk (so
+  that its visible terms could underflow) is detected and recomputed in log space.
 
-Exactness of the intra-chunk matmul. A product ``P_ts Q_js`` is at least ``exp(lq_ts + lk_js - mA_t)``
-and its factors are larger still, so every term within ``e^-87`` of ``e^{mA_t}`` is computed in fp32's
-normal range. ``mA_t`` may be set by a *future* key of the same chunk (masked for row ``t``); when
-``mA_t`` exceeds the row's largest visible term ``R_t`` by more than :data:`INTRA_MARGIN` nats, the
-terms that may have underflowed could matter, and that row (rare: it needs a later key of the same
-chunk to dominate by ~e^60) is recomputed exactly in log space. Otherwise everything lost to
-underflow is below ``C·K·e^{INTRA_MARGIN-87}`` of the row's total.
+Heavy work is batched matmuls over all chunks of a block; only the ``O(K·d)`` state recurrence runs
+as a Python loop over chunks. Without autograd a second implementation does the same arithmetic in
+place, in buffers reused from block to block (:func:`_causal_chunks_inplace`).
 """
 
 from __future__ import annotations
@@ -42,16 +40,12 @@ from gsa_core.masks import MaskSpec
 from gsa_core.numerics import NEG_INF, finite_max, safe_logsumexp, safe_softmax
 from gsa_core.registry import StrategyParams
 
-#: A row whose chunk-stabiliser ``mA_t`` exceeds its largest visible term by more than this many
-#: nats is recomputed in log space (fp32 normals reach ``e^-87``; ``C·K <= e^{8.3}`` for 64x64).
+#: A visible row whose total, relative to its stabiliser, is below ``e^-INTRA_MARGIN`` is recomputed
+#: in log space (fp32 normals reach ``e^-87``; ``(C+1)·K <= e^{8.4}`` for 64x64).
 INTRA_MARGIN = 60.0
+_MIN_ROW_TOTAL = math.exp(-INTRA_MARGIN)
 #: Most chunks per block (the differentiable path's closed-form recurrence is quadratic in it).
 _MAX_BLOCK_CHUNKS = 128
-#: The same test in the no-grad path: a visible row whose total (relative to its stabiliser) is
-#: below this is recomputed in log space.
-_MIN_ROW_TOTAL = math.exp(-INTRA_MARGIN)
-#: Clamp of a (detached) exponent whose rows are either exact or overwritten, so no inf ever appears.
-_EXP_CLAMP = 80.0
 
 
 class KernelParams(StrategyParams):
@@ -74,10 +68,9 @@ class KernelState:
     M: Tensor
 
     def nbytes(self) -> int:
+        """Bytes held by the state (independent of how many tokens it has seen)."""
         return self.z.numel() * self.z.element_size() + self.M.numel() * self.M.element_size()
 
-    def to(self, dtype: torch.dtype) -> KernelState:
-        return KernelState(self.z.to(dtype), self.M.to(dtype))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -128,13 +121,24 @@ def _exact_rows(lq_rows: Tensor, lk_rows: Tensor, t: Tensor) -> Tensor:
 
 
 def _causal_chunks(
-    lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk: int
+    lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk: int, seen: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal attention over ``S = nc·chunk`` tokens starting from state ``(z, M)``.
+    """Causal attention over ``S = nc·chunk`` tokens starting from state ``(z, M)``; differentiable.
 
     ``lq, lk [B, H, S, K]`` (masked keys already ``-inf``), ``v [B, H, S, dv]``, ``z [B, H, K]``,
-    ``M [B, H, K, dv]``. Returns ``out [B, H, S, dv]`` and the state after the last token.
-    Differentiable; used when gradients are needed.
+    ``M [B, H, K, dv]``, ``seen [B·H, S]`` (whether a row has any visible key). Returns
+    ``out [B, H, S, dv]`` and the state after the last token.
+
+    Per chunk: keys ``Q = exp(lk - mk)`` (``mk`` the per-splat max over the chunk's keys) give the
+    chunk's log-normaliser and memory; with ``c_s = max(mk_s, z_s)`` (``z`` the state before the
+    chunk) one query factor ``E_ts = exp(lq_ts + c_s - R_t)``, ``R_t = max_s(lq_ts + c_s)``, serves
+    both terms: intra-chunk ``w_tj e^{-R_t} = Σ_s E_ts Q_js e^{mk_s - c_s}`` (one matmul, causal
+    mask) and past ``Σ_s e^{lq_ts + z_s - R_t} M_s = Σ_s E_ts (e^{z_s - c_s} M_s)`` (one matmul).
+    Every factor is ``<= 1`` and at least the product it contributes to, so every term within
+    ``e^-87`` of ``e^{R_t}`` is computed exactly. ``R_t`` may come from a *future* key of the chunk;
+    a visible row whose total then falls below ``e^{-INTRA_MARGIN}`` is recomputed in log space, so
+    what underflow drops is always below ``(C+1)·K·e^{INTRA_MARGIN-87}`` of a row's total.
+    All stabilisers (``mk``, ``c``, ``R``) are detached: the result does not depend on them.
     """
     b, h, s, k = lq.shape
     dv = v.shape[-1]
@@ -144,19 +148,19 @@ def _causal_chunks(
     lkc = lk.reshape(x, nc, c, k)
     vc = v.reshape(x, nc, c, dv)
 
-    # per-chunk key statistics (all chunks at once)
-    mk = lkc.detach().amax(dim=-2, keepdim=True)  # [x, nc, 1, K], -inf: no key of the chunk for that splat
-    mk_ref = _finite_or_zero(mk)
-    q_feat = torch.exp(lkc - mk_ref)  # Q <= 1
-    sq = q_feat.sum(dim=-2)  # [x, nc, K], >= 1 where mk finite
-    has = torch.isfinite(mk.squeeze(-2))
-    zc = torch.where(has, mk_ref.squeeze(-2) + torch.log(torch.where(has, sq, torch.ones_like(sq))), NEG_INF)
+    # keys: per-chunk log-normalisers and memories (all chunks at once)
+    mk = lkc.detach().amax(dim=-2)  # [x, nc, K]; -inf: no key of the chunk for that splat
+    has = torch.isfinite(mk)
+    mk_ref = torch.where(has, mk, torch.zeros_like(mk))
+    q_feat = torch.exp(lkc - mk_ref.unsqueeze(-2))  # Q <= 1
+    sq = q_feat.sum(dim=-2)  # >= 1 where mk is finite
+    zc = torch.where(has, mk_ref + torch.log(torch.where(has, sq, torch.ones_like(sq))), NEG_INF)
     u = q_feat.transpose(-1, -2) @ vc  # [x, nc, K, dv]
 
-    # the recurrence over chunks, closed form: entry 0 is the incoming state, entry p >= 1 chunk p - 1.
-    # z_all[c] = logsumexp_{p <= c} z_ext[p]; M_all[c] = Σ_{p <= c} exp(m_ext[p] - z_all[c]) u_ext[p]
+    # the recurrence over chunks in closed form: entry 0 is the incoming state, entry p >= 1 chunk p-1;
+    # z_all[c] = logsumexp_{p <= c} z_ext[p], M_all[c] = Σ_{p <= c} exp(m_ext[p] - z_all[c]) u_ext[p]
     z_ext = torch.cat((z.reshape(x, 1, k), zc), dim=1)  # [x, nc + 1, K]
-    m_ext = torch.cat((z.reshape(x, 1, k), mk.squeeze(-2)), dim=1)
+    m_ext = torch.cat((z.reshape(x, 1, k), mk), dim=1)
     u_ext = torch.cat((M.reshape(x, 1, k, dv), u), dim=1)  # [x, nc + 1, K, dv]
     upto = torch.ones(nc + 1, nc + 1, dtype=torch.bool, device=lq.device).tril().unsqueeze(-1)  # [c, p, 1]
     z_all = safe_logsumexp(torch.where(upto, z_ext.unsqueeze(1), NEG_INF), dim=2)  # [x, nc + 1, K]
@@ -165,32 +169,23 @@ def _causal_chunks(
     m_all = torch.einsum("xcpk,xpkd->xckd", torch.exp(expo), u_ext)  # [x, nc + 1, K, dv]
     zb, mb = z_all[:, :-1], m_all[:, :-1]
 
-    # intra-chunk pair weights: w_tj = exp(mA_t) (P Qᵀ)_tj
-    a_intra = lqc + mk  # [x, nc, C, K]
-    m_a = finite_max(a_intra, dim=-1)  # [x, nc, C, 1]
-    p_feat = torch.exp(a_intra - m_a)
-    g = (p_feat @ q_feat.transpose(-1, -2)).tril()  # [x, nc, C, C]
-    g_max = g.detach().amax(dim=-1, keepdim=True)
-    rho = torch.where(g_max > 0, m_a + torch.log(torch.where(g_max > 0, g_max, torch.ones_like(g_max))), NEG_INF)
-    # past-state term a_ts = lq_ts + z_s
-    a_past = lqc + zb.unsqueeze(-2)
-    m_past = a_past.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.maximum(rho, m_past)
-    live = torch.isfinite(a_intra.detach()).any(-1, keepdim=True)
-    flag = live & (m_a - row_max > INTRA_MARGIN)  # -inf row_max counts as flagged
-    row_ref = _finite_or_zero(row_max)
-    w = g * torch.exp((m_a - row_ref).clamp(max=_EXP_CLAMP))
+    # one shared per-splat offset and one query factor for both terms
+    cs_raw = torch.maximum(mk, zb.detach())  # -inf: no key at all yet for that splat
+    cs = _finite_or_zero(cs_raw)
+    q_scaled = q_feat * torch.exp(mk - cs).unsqueeze(-2)  # Q e^{mk - c} <= 1
+    e_past = torch.exp(zb - cs)  # [x, nc, K], <= 1
+    a = lqc + cs_raw.unsqueeze(-2)
+    e_feat = torch.exp(a - _finite_or_zero(a.detach().amax(dim=-1, keepdim=True)))  # [x, nc, C, K]
+    g = (e_feat @ q_scaled.transpose(-1, -2)).tril()  # [x, nc, C, C]
+    num = g @ vc + e_feat @ (e_past.unsqueeze(-1) * mb)
+    den = g.sum(-1, keepdim=True) + (e_feat * e_past.unsqueeze(-2)).sum(-1, keepdim=True)
+    small = den.detach() < _MIN_ROW_TOTAL  # no visible key (den = 0, num = 0), or recomputed below
+    out = num / torch.where(small, torch.ones_like(den), den)
+    flag = seen.reshape(x, nc, c) & small.squeeze(-1)
     if bool(flag.any()):
-        xi, ci, ti, _ = flag.nonzero(as_tuple=True)
-        logw = _exact_rows(lqc[xi, ci, ti], lkc[xi, ci], ti)  # [m, C]
-        fixed = torch.maximum(logw.detach().amax(-1), m_past[xi, ci, ti, 0])
-        fixed_ref = _finite_or_zero(fixed)
-        row_ref = row_ref.index_put((xi, ci, ti, torch.zeros_like(xi)), fixed_ref)
-        w = w.index_put((xi, ci, ti), torch.exp(logw - fixed_ref.unsqueeze(-1)))
-    p_past = torch.exp(a_past - row_ref)
-    num = w @ vc + p_past @ mb
-    den = w.sum(-1, keepdim=True) + p_past.sum(-1, keepdim=True)
-    out = num / torch.where(den > 0, den, torch.ones_like(den))
+        xi, ci, ti = flag.nonzero(as_tuple=True)
+        rows = _exact_causal_rows(lqc[xi, ci, ti], lkc[xi, ci], ti, vc[xi, ci], zb[xi, ci], mb[xi, ci])
+        out = out.index_put((xi, ci, ti), rows)
     return out.reshape(b, h, s, dv), z_all[:, -1].reshape(b, h, k), m_all[:, -1].reshape(b, h, k, dv)
 
 
@@ -209,6 +204,17 @@ class _Workspace:
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def _workspace() -> _Workspace:
+    """This thread's workspace (kept between calls; its size is bounded by ``block_rows``)."""
+    ws = getattr(_THREAD_LOCAL, "workspace", None)
+    if ws is None:
+        ws = _THREAD_LOCAL.workspace = _Workspace()
+    return ws
 
 
 @torch.no_grad()
@@ -232,8 +238,8 @@ def _causal_chunks_inplace(
     dv = v.shape[-1]
     nc, c = s // chunk, chunk
     x = b * h
-    lqc = lq.view(x, nc, c, k)
-    lkc = lk.view(x, nc, c, k)
+    lqc = lq.reshape(x, nc, c, k)
+    lkc = lk.reshape(x, nc, c, k)
     vc = v.view(x * nc, c, dv) if v.is_contiguous() else ws.get("v", (b, h, s, dv), v).copy_(v).view(x * nc, c, dv)
 
     # keys: Q = exp(lk - mk) <= 1, the chunks' log-normalisers and memories (all chunks at once)
@@ -272,9 +278,10 @@ def _causal_chunks_inplace(
     den = torch.mul(e3, e_past.view(x * nc, 1, k)).sum(-1, keepdim=True).add_(g.sum(-1, keepdim=True))
     num = torch.bmm(g, vc, out=ws.get("num", (x * nc, c, dv), lq))
     num.baddbmm_(e3, m_scaled.view(x * nc, k, dv))
-    flag = seen.view(x * nc, c, 1) & (den < _MIN_ROW_TOTAL)
+    small = den < _MIN_ROW_TOTAL  # no visible key (den = 0, num = 0), or recomputed below
+    flag = seen.view(x * nc, c, 1) & small
     length = out.shape[-2]
-    den = den.masked_fill_(den == 0, 1.0).view(b, h, s, 1)[..., :length, :]
+    den = den.masked_fill_(small, 1.0).view(b, h, s, 1)[..., :length, :]
     torch.div(num.view(b, h, s, dv)[..., :length, :], den, out=out)
     if bool(flag.any()):
         xi, ci, ti = flag.view(x, nc, c).nonzero(as_tuple=True)
@@ -311,13 +318,6 @@ class KernelBackend:
 
     def __init__(self, params: KernelParams | None = None) -> None:
         self.params = params or KernelParams()
-        self._local = threading.local()  # per-thread workspace of the no-grad path (size set by block_rows)
-
-    def _workspace(self) -> _Workspace:
-        ws = getattr(self._local, "workspace", None)
-        if ws is None:
-            ws = self._local.workspace = _Workspace()
-        return ws
 
     # ------------------------------------------------------------------ helpers
     def _check(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> None:
@@ -391,7 +391,7 @@ class KernelBackend:
         )
         outs: list[Tensor] = []
         if not tracked:
-            ws = self._workspace()
+            ws = _workspace()
             result = torch.empty(*q.shape[:2], n, v.shape[-1], dtype=compute_dtype(q), device=q.device)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
@@ -403,11 +403,11 @@ class KernelBackend:
             if padded != length:
                 lq, lk = _pad_tokens(lq, padded, NEG_INF), _pad_tokens(lk, padded, NEG_INF)
                 vb = _pad_tokens(vb, padded, 0.0)
+            seen = self._seen(key_padding, sl, z, padded)
             if tracked:
-                out, z, M = _causal_chunks(lq, lk, vb, z, M, c)
+                out, z, M = _causal_chunks(lq, lk, vb, z, M, c, seen)
                 outs.append(out[..., :length, :])
             else:
-                seen = self._seen(key_padding, sl, z, padded)
                 z, M = _causal_chunks_inplace(lq, lk, vb, z.to(lq.dtype), M.to(lq.dtype), c, seen,
                                               result[..., sl, :], ws)
         if tracked:
@@ -421,7 +421,9 @@ class KernelBackend:
         out, _ = self._attend(q, k, v, bank, mask)
         return out, {"backend": self.name, "chunk_size": self.params.chunk_size}
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, KernelState]:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec,
+                full_state: bool = False) -> tuple[Tensor, KernelState]:
+        """Outputs, and the state over the keys the queries saw (over all keys if ``full_state``)."""
         self._check(q, k, v, mask)
         batch, _, n_q, _ = q.shape
         n_k = k.shape[-2]
@@ -455,6 +457,10 @@ class KernelBackend:
                 out = q.new_zeros(*q.shape[:2], 0, v.shape[-1], dtype=dtype)
             if skip:
                 out = torch.cat([out.new_zeros(*out.shape[:2], skip, out.shape[-1]), out], dim=-2)
+            if full_state and off + n < n_k:  # keys after the last query (an explicit query_offset)
+                rest = slice(off + n, n_k)
+                state = self._absorb_keys(bank, state, k[..., rest, :], v[..., rest, :],
+                                          None if kp is None else kp[:, rest])
         if mask.query_padding is not None:
             keep = mask.query_padding[:, None, :, None].to(out.device)
             out = torch.where(keep, out, torch.zeros_like(out))
@@ -468,7 +474,7 @@ class KernelBackend:
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, KernelState]:
         if not mask.causal:
             raise MaskNotSupportedError(f"backend {self.name!r}: prefill needs a causal mask")
-        return self._attend(q, k, v, bank, mask)
+        return self._attend(q, k, v, bank, mask, full_state=True)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
              key_padding: Tensor | None = None) -> tuple[Tensor, KernelState]:
