@@ -146,6 +146,7 @@ class Measurement:
 
     times_s: list[float]
     warmup_s: list[float] = field(default_factory=list)
+    cpu_times_s: list[float] = field(default_factory=list)  # process CPU time (all threads) per timed call
     peak_bytes: int | None = None
     stopped: bool = False
     reason: str | None = None
@@ -159,13 +160,15 @@ class Measurement:
         return {**asdict(self), "median_s": self.median_s}
 
 
-def _timed_call(fn: Callable[[], Any], track_memory: bool) -> tuple[float, int | None]:
+def _timed_call(fn: Callable[[], Any], track_memory: bool) -> tuple[float, int | None, float]:
     mem = PeakMemory() if track_memory else contextlib.nullcontext()
     with mem:
+        cpu = time.process_time()
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
-    return elapsed, (mem.peak_bytes if isinstance(mem, PeakMemory) else None)
+        cpu = time.process_time() - cpu
+    return elapsed, (mem.peak_bytes if isinstance(mem, PeakMemory) else None), cpu
 
 
 def measure(
@@ -187,19 +190,21 @@ def measure(
         raise ValueError("repeats must be >= 1")
     warm: list[float] = []
     for _ in range(warmup):
-        elapsed, peak = _timed_call(fn, track_memory)
+        elapsed, peak, cpu = _timed_call(fn, track_memory)
         warm.append(elapsed)
         if budget_s is not None and elapsed > budget_s:
             return Measurement(
-                times_s=[elapsed], peak_bytes=peak, stopped=True, cold=True,
+                times_s=[elapsed], cpu_times_s=[cpu], peak_bytes=peak, stopped=True, cold=True,
                 reason=f"one call took {elapsed:.1f} s > limit {budget_s:g} s; stopped after it (cold call)",
             )
     times: list[float] = []
+    cpus: list[float] = []
     peaks: list[int] = []
     stopped, reason = False, None
     for _ in range(repeats):
-        elapsed, peak = _timed_call(fn, track_memory)
+        elapsed, peak, cpu = _timed_call(fn, track_memory)
         times.append(elapsed)
+        cpus.append(cpu)
         if peak is not None:
             peaks.append(peak)
         if budget_s is not None and elapsed > budget_s:
@@ -207,7 +212,7 @@ def measure(
             break
         if max_total_s is not None and sum(times) >= max_total_s:
             break
-    return Measurement(times_s=times, warmup_s=warm, peak_bytes=max(peaks) if peaks else None,
+    return Measurement(times_s=times, warmup_s=warm, cpu_times_s=cpus, peak_bytes=max(peaks) if peaks else None,
                        stopped=stopped, reason=reason)
 
 
