@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gsa_bench import timing
+from gsa_bench.args import json_object_arg
 
 SCHEMA = "gsa-bench-attention/1"
 CASE_TARGET = "gsa_bench.attention:run_case"
@@ -143,15 +144,6 @@ def parse_sparse(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"--sparse takes K:top_k pairs like 512:8,512:64, got {text!r}") from None
     return pairs
 
-
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def build_series(args: argparse.Namespace) -> list[Series]:
@@ -861,9 +853,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splats", type=int, default=64, help="splats per head K for kernel/dense (default 64)")
     parser.add_argument("--sparse", type=parse_sparse, default=None, metavar="K:TOPK,...",
                         help=f"sparse backend configurations (default {DEFAULT_SPARSE})")
-    parser.add_argument("--kernel-params", type=_json_arg, default={}, metavar="JSON",
+    parser.add_argument("--kernel-params", type=json_object_arg, default={}, metavar="JSON",
                         help="params of the kernel backend, e.g. '{\"chunk_size\": 64}'")
-    parser.add_argument("--sparse-params", type=_json_arg, default={}, metavar="JSON",
+    parser.add_argument("--sparse-params", type=json_object_arg, default={}, metavar="JSON",
                         help="extra params of the sparse backend (top_k comes from --sparse)")
     parser.add_argument("--decode-contexts", type=parse_sizes, default=None,
                         help="prefill lengths for the decode test (default 1k-64k; --quick: 256,512,1024)")

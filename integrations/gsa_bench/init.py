@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gsa_bench.args import json_object_arg
+
 SCHEMA = "gsa-bench-init/1"
 DEFAULT_INITIALIZERS = "random,kmeans,pca"
 DEFAULT_SPLATS = "16,64"
@@ -91,15 +93,6 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
 
-
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -398,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-factors", type=_float_list, default=_float_list(DEFAULT_SCALE_FACTORS),
                         help="scale_factor params measured for every initializer (splat std as a multiple of the "
                         f"initializer's own width; default {DEFAULT_SCALE_FACTORS})")
-    parser.add_argument("--init-params", type=_json_arg, default={}, metavar="JSON",
+    parser.add_argument("--init-params", type=json_object_arg, default={}, metavar="JSON",
                         help='params per initializer, e.g. \'{"kmeans": {"iterations": 10}}\'')
     parser.add_argument("--calib-tokens", type=int, default=10000,
                         help="calibration tokens (pooled q+k vectors per head = 2x; default 10000)")

@@ -1,0 +1,18 @@
+"""Command-line argument types shared by the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def json_object_arg(text: str) -> dict[str, Any]:
+    """``--x-params '{"a": 1}'``: a JSON object, or an argparse error saying what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
