@@ -35,6 +35,28 @@ def clone_births(bank: SplatBank, heads: list[int], targets: list[int], sources:
     )
 
 
+def hottest_into_dead(bank: SplatBank, stats: SlotStats, min_grad: float,
+                      max_per_head: int) -> tuple[list[int], list[int], list[int]]:
+    """Pair each head's highest-gradient alive splats (above ``min_grad``) with its dead slots, in order.
+
+    Returns parallel lists ``(heads, target dead slots, source alive slots)``.
+    """
+    heads: list[int] = []
+    targets: list[int] = []
+    sources: list[int] = []
+    for head in range(bank.n_heads):
+        alive = bank.alive[head].cpu()
+        dead = (~alive).nonzero().flatten().tolist()
+        grad = stats.grad_norm[head].cpu().float().masked_fill(~alive, float("-inf"))
+        order = torch.argsort(grad, descending=True, stable=True).tolist()
+        hot = [s for s in order if alive[s] and grad[s] > min_grad]
+        n = min(len(dead), len(hot), max_per_head)
+        heads += [head] * n
+        targets += dead[:n]
+        sources += hot[:n]
+    return heads, targets, sources
+
+
 class CloneBirth(StrategyParams):
     """Clone the alive splats with the largest center gradients into dead slots."""
 
@@ -43,17 +65,7 @@ class CloneBirth(StrategyParams):
     jitter: float = Field(0.1, ge=0, description="offset of the copy, in units of the source's std")
 
     def propose(self, bank: SplatBank, stats: SlotStats, *, generator: torch.Generator) -> Births:
-        heads, targets, sources = [], [], []
-        for head in range(bank.n_heads):
-            alive = bank.alive[head].cpu()
-            dead = (~alive).nonzero().flatten().tolist()
-            grad = stats.grad_norm[head].cpu().masked_fill(~alive, float("-inf"))
-            order = torch.argsort(grad, descending=True, stable=True).tolist()
-            hot = [s for s in order if alive[s] and grad[s] > self.min_grad]
-            n = min(len(dead), len(hot), self.max_per_head)
-            heads += [head] * n
-            targets += dead[:n]
-            sources += hot[:n]
+        heads, targets, sources = hottest_into_dead(bank, stats, self.min_grad, self.max_per_head)
         return clone_births(bank, heads, targets, sources, self.jitter, generator)
 
 
@@ -127,17 +139,7 @@ class SplitBirth(StrategyParams):
     preserve_mass: bool = Field(True, description="halve the amplitude of parent and child")
 
     def propose(self, bank: SplatBank, stats: SlotStats, *, generator: torch.Generator) -> Births:
-        heads, targets, sources = [], [], []
-        for head in range(bank.n_heads):
-            alive = bank.alive[head].cpu()
-            dead = (~alive).nonzero().flatten().tolist()
-            grad = stats.grad_norm[head].cpu().float().masked_fill(~alive, float("-inf"))
-            order = torch.argsort(grad, descending=True, stable=True).tolist()
-            hot = [s for s in order if alive[s] and grad[s] > self.min_grad]
-            n = min(len(dead), len(hot), self.max_per_head)
-            heads += [head] * n
-            targets += dead[:n]
-            sources += hot[:n]
+        heads, targets, sources = hottest_into_dead(bank, stats, self.min_grad, self.max_per_head)
         if not heads:
             return Births.empty(bank)
         h = torch.tensor(heads, dtype=torch.long)
