@@ -9,6 +9,9 @@ BENCHMARKS = {
     "attention": "backends vs PyTorch SDPA: time, memory, FLOP rate, decode per token",
     "init": "initializers on the real MiniLM: attention error before training, coverage, time",
     "adaptation": "adaptation on vs off on the synthetic shift task",
+    "decode": "generation: tokens/s and cache memory vs context, softmax KV cache vs GSA recurrent cache",
+    "distill_bert": "conversion quality on the real MiniLM: sentence-embedding cosine and neighbour agreement",
+    "distill_causal": "conversion quality on a reference GPT-Neo: held-out perplexity ratio, GSA from scratch",
 }
 
 
