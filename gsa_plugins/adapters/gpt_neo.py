@@ -46,7 +46,10 @@ def gsa_self_attention_class() -> type:
         def _attn(self, query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
             layer = self._modules.get("gsa")
             if layer is None or layer.passthrough:
-                return super()._attn(query, key, value, attention_mask)
+                out = super()._attn(query, key, value, attention_mask)
+                if layer is not None and layer.teacher is not None:
+                    layer.tap_teacher(query, key, value, attention_mask, out[0], causal=True)
+                return out
             batch, _, n_q, _ = query.shape
             # The model's mask (eager: additive 0 / min) is causal plus padding; the window is ours to add.
             spec = layer.masks.spec(attention_mask, batch, n_q, key.shape[-2], causal=True)

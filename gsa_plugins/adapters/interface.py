@@ -76,15 +76,20 @@ def gsa_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: 
                           attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """The ``gsa`` entry of ``AttentionInterface``: ``[B, H, n, d]`` in, ``([B, n_q, H, d], None)`` out."""
     layer = module._modules.get("gsa")
+    is_causal = kwargs.get("is_causal")
     if layer is None or layer.passthrough:
         if layer is not None and layer.capturing():
             layer.capture(query, _repeat_heads(key, query.shape[1]))
-        return base_function(module)(module, query, key, value, attention_mask, **kwargs)
+        out = base_function(module)(module, query, key, value, attention_mask, **kwargs)
+        if layer is not None and layer.teacher is not None:
+            n_heads = query.shape[1]
+            layer.tap_teacher(query, _repeat_heads(key, n_heads), _repeat_heads(value, n_heads), attention_mask,
+                              out[0].transpose(1, 2), causal=layer.causal if is_causal is None else bool(is_causal))
+        return out
     assert isinstance(layer, GSALayer)
     n_heads = query.shape[1]
     key, value = _repeat_heads(key, n_heads), _repeat_heads(value, n_heads)
     layer.capture(query, key)
-    is_causal = kwargs.get("is_causal")
     causal = layer.causal if is_causal is None else bool(is_causal)
     batch, _, n_q, _ = query.shape
     spec = layer.masks.spec(attention_mask, batch, n_q, key.shape[-2], causal=causal)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -21,6 +22,8 @@ from gsa_core.numerics import NEG_INF, safe_softmax
 from gsa_plugins.backends.dense import pair_log_weights
 
 Mode = Literal["gsa", "exact", "hybrid"]
+#: ``teacher(q, k, v, mask, out)``: called in passthrough with the host's inputs and its exact output.
+TeacherTap = Callable[[Tensor, Tensor, Tensor, MaskSpec, Tensor], None]
 MODES: tuple[str, ...] = ("gsa", "exact", "hybrid")
 
 
@@ -176,6 +179,7 @@ class GSALayer(GSAAttention):
         self.q_in = nn.Identity()
         self.k_in = nn.Identity()
         self.masks = MaskCache()
+        self.teacher: TeacherTap | None = None
 
     @property
     def active(self) -> bool:
@@ -190,6 +194,13 @@ class GSALayer(GSAAttention):
         if self.capturing():
             self.q_in(q.transpose(1, 2).flatten(2))
             self.k_in(k.transpose(1, 2).flatten(2))
+
+    def tap_teacher(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor, *, causal: bool) -> None:
+        """In passthrough, hand the host's ``q, k, v [B, H, n, ·]``, mask and exact output ``[B, H, n_q, d_v]``
+        to ``self.teacher`` (set by distillation: it trains GSA on the teacher's own inputs, layer by layer)."""
+        if self.teacher is not None:
+            spec = self.masks.spec(mask, q.shape[0], q.shape[-2], k.shape[-2], causal=causal)
+            self.teacher(q, k, v, spec, out)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
         """``q [B, H, n_q, d]``, ``k, v [B, H, n_k, ·]`` in the host's space -> ``[B, H, n_q, d_v]``."""
@@ -211,4 +222,6 @@ class GSALayer(GSAAttention):
                 f"passthrough={self.passthrough}")
 
 
-__all__ = ["MODES", "GSALayer", "MaskCache", "Mode", "allowed_from_hf", "hybrid_attention", "spec_from_allowed"]
+__all__ = [
+    "MODES", "GSALayer", "MaskCache", "Mode", "TeacherTap", "allowed_from_hf", "hybrid_attention", "spec_from_allowed",
+]
