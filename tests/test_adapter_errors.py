@@ -71,9 +71,9 @@ def test_layer_index_out_of_range():
         convert(tiny_gpt_neo(), gsa_config("gpt-neo", layers={5: "gsa"}))
 
 
-def test_hybrid_needs_a_causal_layer_and_windows_need_dense():
-    with pytest.raises(ModelMismatchError, match="not causal: hybrid"):
-        convert(tiny_bert(), gsa_config("bert", self_attention="hybrid", hybrid_window=4))
+def test_hybrid_needs_a_window_and_windows_need_dense():
+    with pytest.raises(ModelMismatchError, match="set no hybrid_window"):
+        convert(tiny_bert(), gsa_config("bert", self_attention="hybrid"))
     with pytest.raises(ModelMismatchError, match="backend 'kernel' cannot serve"):
         convert(tiny_gpt_neo(), gsa_config("gpt-neo", backend="kernel", local_layers="gsa"))
 

@@ -248,10 +248,10 @@ class HFAdapter:
             raise ModelMismatchError(f"{what} mixes attention shapes {sorted(shapes)}; one GSA config cannot fit")
         for site in sites:
             mode = self.mode(site, params)
-            if mode == "hybrid" and not site.causal:
+            if mode == "hybrid" and site.kind == "cross":
                 raise ModelMismatchError(
-                    f"layer {site.layer} ({site.name}) is not causal: hybrid attention (an exact window over past "
-                    "keys) needs a causal layer; use 'gsa' or 'exact'"
+                    f"layer {site.layer} ({site.name}) is cross-attention: hybrid attention (an exact window of "
+                    "nearby keys) needs self-attention; use 'gsa' or 'exact'"
                 )
             if mode == "hybrid" and params.hybrid_window is None:
                 raise ModelMismatchError(

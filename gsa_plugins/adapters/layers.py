@@ -106,15 +106,20 @@ def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec, *, scaling: float, window: int,
     block_elements: int = 1 << 24,
 ) -> Tensor:
-    """Exact softmax over the last ``window`` keys plus GSA for older keys, under one shared normaliser.
+    """Exact softmax over a window of nearby keys plus GSA for the others, under one shared normaliser.
 
-    For query ``i`` at key position ``p_i``: keys ``p_i - window < j <= p_i`` score the exact logit
-    ``scaling * q_i·k_j``; visible older keys score the GSA log-weight ``log w_ij`` (computed on
-    ``q, k`` in GSA space); then one softmax over all of them. Dense: ``O(n_q·n_k·K)``, in query blocks.
-    ``mask`` must be causal (padding allowed). Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
+    For query ``i`` at key position ``p_i``: keys in its window score the exact logit ``scaling * q_i·k_j``;
+    the other visible keys score the GSA log-weight ``log w_ij`` (computed on ``q, k`` in GSA space); then
+    one softmax over all of them. Causal ``mask``: the window is the last ``window`` keys
+    (``p_i - window < j <= p_i``). Bidirectional self-attention (``n_q == n_k``, not causal): the symmetric
+    window ``|i - j| <= window`` (an encoder's local context is on both sides). Padding allowed.
+    Dense: ``O(n_q·n_k·K)``, in query blocks. Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
     """
-    if not mask.causal:
-        raise ValueError("hybrid attention needs a causal mask (the window counts past keys)")
+    if window < 0 or (mask.causal and window < 1):
+        raise ValueError(f"hybrid window must be a positive number of keys, got {window!r}")
+    if not mask.causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError("bidirectional hybrid attention needs self-attention (as many queries as keys); "
+                         f"got {q.shape[-2]} queries and {k.shape[-2]} keys")
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[-2]
     device = q.device
@@ -136,7 +141,10 @@ def hybrid_attention(
         if scaling != 1.0:
             exact = exact * scaling
         logw = pair_log_weights(lq[..., sl, :], lk)
-        in_window = k_pos.unsqueeze(0) > (q_pos[sl].unsqueeze(1) - window)
+        if mask.causal:
+            in_window = k_pos.unsqueeze(0) > (q_pos[sl].unsqueeze(1) - window)
+        else:
+            in_window = (k_pos.unsqueeze(0) - q_pos[sl].unsqueeze(1)).abs() <= window
         scores = torch.where(in_window, exact, logw)
         allow = allowed[..., sl, :] if allowed.shape[-2] > 1 else allowed
         scores = scores.masked_fill(~allow, NEG_INF)
@@ -156,7 +164,8 @@ class GSALayer(GSAAttention):
     switches GSA off (the host module then runs its original attention, the bank is unused).
     ``scaling`` is the host's logit factor (``q·k * scaling``): GSA sees ``q, k * sqrt(scaling)``
     (``gsa_core.calibration.to_gsa_space``). ``window``: the host's own sliding window, kept in
-    ``gsa`` mode; ``hybrid_window``: keys per query computed exactly in ``hybrid`` mode.
+    ``gsa`` mode; ``hybrid_window``: keys per query computed exactly in ``hybrid`` mode (causal layers: the last
+    ``hybrid_window`` keys; bidirectional ones: every key within ``hybrid_window`` positions, both sides).
     ``q_in``/``k_in`` are identity modules called with the ``[B, T, H*d]`` queries/keys the layer sees
     whenever a hook is registered on them (calibration of families whose projections are not those).
     """
@@ -168,8 +177,8 @@ class GSALayer(GSAAttention):
         super().__init__(n_heads, head_dim, config)
         if mode not in ("gsa", "hybrid"):
             raise ValueError(f"a GSALayer runs mode 'gsa' or 'hybrid', got {mode!r}")
-        if mode == "hybrid" and (not causal or hybrid_window is None):
-            raise ValueError("hybrid mode needs a causal layer and a hybrid_window")
+        if mode == "hybrid" and hybrid_window is None:
+            raise ValueError("hybrid mode needs a hybrid_window (keys per query computed exactly)")
         self.mode: Mode = mode
         self.scaling = float(scaling)
         self.causal = causal
