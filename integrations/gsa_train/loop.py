@@ -1,0 +1,384 @@
+"""The training loop behind ``gsa train``: :class:`TrainSettings` in, :class:`TrainResult` out.
+
+Why one loop for softmax and GSA: the comparison "GSA from scratch vs softmax on the same budget"
+is only fair if everything but the attention is identical (data order, schedule, optimiser, clip).
+A GSA model is a GPT-Neo converted by the ``gpt-neo`` adapter before the first step, its banks
+initialised from its own (random-init) queries and keys with the config's initializer, and adapted
+during training by the :class:`~gsa_core.adaptation.controller.AdaptationController`.
+
+Deterministic for a seed: batches are a pure function of ``(seed, step)``
+(:func:`gsa_train.data.batch_rows`) and the model has no dropout, so a run resumed from a checkpoint
+ends with the same weights as an uninterrupted one, and ``torchrun`` ranks (each taking its shard of
+the same global batch, gradients averaged) follow the single-process run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+from gsa_core.errors import ConfigError
+from gsa_core.registry import format_validation_error
+from gsa_train.data import batch_rows, encode_blocks, load_texts
+from gsa_train.distributed import DataParallel
+from gsa_train.layouts import LAYOUTS, describe, gpt_neo_config, layout
+
+#: GSA settings used when ``attention="gsa"`` and no config is given: global layers GSA with the exact
+#: linear-time kernel backend, local (sliding-window) layers exact softmax, k-means banks, adaptation on.
+DEFAULT_GSA: dict[str, Any] = {
+    "bank": {"n_splats": 16},
+    "backend": "kernel",
+    "initializer": {"name": "kmeans", "params": {"scale_factor": 4.0}},
+    "adapter": {"name": "gpt-neo", "params": {"global_layers": "gsa", "local_layers": "exact"}},
+    "adaptation": {"enabled": True, "window": 20,
+                   "scheduler": {"name": "interval", "params": {"start": 40, "every": 40}},
+                   "death": "low-mass", "birth": "clone"},
+}
+CHECKPOINT = "checkpoint"
+#: Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("corpus", "layout", "attention", "gsa", "batch_size", "block_len", "seed", "vocab_size", "tokenizer")
+
+
+class TrainSettings(BaseModel):
+    """Everything one training run depends on (recorded in ``train.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="folder for the model, tokenizer, checkpoint and train.json")
+    corpus: str = Field("stdlib", description="stdlib | a folder of .txt files | hf:NAME")
+    layout: str = Field("tiny", description=f"model shape: {', '.join(LAYOUTS)}")
+    attention: Literal["softmax", "gsa"] = "softmax"
+    gsa: dict[str, Any] | None = Field(None, description="GSA config (dict); None: DEFAULT_GSA")
+    tokenizer: Path | None = Field(None, description="use this saved tokenizer instead of training one")
+    vocab_size: int | None = Field(None, ge=259, description="tokenizer vocabulary (default: the layout's)")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch (split across torchrun processes)")
+    block_len: int = Field(128, ge=2, description="tokens per training row")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_every: int = Field(0, ge=0, description="held-out evaluation every N steps (0: at the end only)")
+    eval_blocks: int = Field(256, ge=1, description="held-out rows evaluated")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
+    log_every: int = Field(10, ge=1)
+    calibration_tokens: int = Field(4096, ge=1, description="tokens whose q/k initialise the banks (GSA)")
+    resume: bool = False
+    progress: bool | None = Field(None, description="rich progress bar (None: when stderr is a terminal)")
+    stop_after: int | None = Field(None, ge=1, description="stop after this step (tests: simulate an interruption)")
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, value: str) -> str:
+        layout(value)
+        return value
+
+    @classmethod
+    def build(cls, **values: Any) -> TrainSettings:
+        """Validate, turning pydantic's errors into one :class:`ConfigError` naming each bad field."""
+        try:
+            return cls.model_validate(values)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"invalid training settings: {format_validation_error(exc)}") from None
+
+    def gsa_dict(self) -> dict[str, Any]:
+        data = dict(DEFAULT_GSA if self.gsa is None else self.gsa)
+        data.setdefault("seed", self.seed)
+        return data
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, and the numbers also written to ``train.json``."""
+
+    out: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def heldout_ppl(self) -> float:
+        return float(self.metrics["final"]["heldout_ppl"])
+
+
+# ----------------------------------------------------------------------------- pieces
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    span = max(1, s.steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases, norms, embeddings of positions and splat banks are not decayed."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and ".gsa." not in f".{name}" and "wpe" not in name else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def load_trained(path: str | os.PathLike[str]) -> Any:
+    """A model saved by :func:`train`: GSA checkpoints through ``load_converted``, softmax ones as GPT-Neo."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    if str(config.get("model_type", "")).startswith("gsa_"):
+        from gsa_plugins.adapters import load_converted
+
+        return load_converted(path)
+    from transformers import GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+
+def _tokenizer(s: TrainSettings, texts: tuple[str, ...], dp: DataParallel) -> Any:
+    from transformers import AutoTokenizer
+
+    from gsa_train.tokenizer import train_tokenizer
+
+    if s.tokenizer is not None:
+        return AutoTokenizer.from_pretrained(s.tokenizer)
+    if s.resume and (s.out / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(s.out)
+    if dp.is_main:  # one rank trains it, the others read the same files
+        train_tokenizer(texts, s.vocab_size or layout(s.layout).vocab_size,
+                        model_max_length=layout(s.layout).max_position_embeddings, save_to=s.out)
+    dp.barrier()
+    return AutoTokenizer.from_pretrained(s.out)
+
+
+def _calibrate(model: nn.Module, cfg: Any, blocks: Tensor, tokens: int, batch_size: int) -> dict[str, Any]:
+    """Initialise the banks from the model's own queries/keys on training text (the config's initializer)."""
+    from gsa_calibrate.collect import collect_qk
+
+    from gsa_core.calibration import calibrate_banks
+    from gsa_plugins.adapters import attention_layers, banks
+
+    rows = blocks[: max(1, -(-tokens // blocks.shape[1]))]
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in rows.split(batch_size)]
+    vectors = collect_qk(model, attention_layers(model), batches, max_tokens=tokens)
+    report = calibrate_banks(banks(model), vectors, (cfg.initializer.name, cfg.initializer.params), seed=cfg.seed)
+    return {"initializer": cfg.initializer.name, "tokens": tokens, "seconds": round(report.seconds, 3)}
+
+
+def build_model(s: TrainSettings, tokenizer: Any, blocks: Tensor) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+    """The model at step 0 (same on every rank): GPT-Neo of the layout, converted to GSA if asked."""
+    from transformers import GPTNeoForCausalLM
+
+    config = gpt_neo_config(s.layout, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(s.seed)
+    model = GPTNeoForCausalLM(config)
+    if s.attention == "softmax":
+        return model, None, None
+    from gsa_core.config import GSAConfig
+    from gsa_plugins.adapters import convert
+
+    cfg = GSAConfig.from_dict(s.gsa_dict(), source="the GSA config of gsa train")
+    convert(model, cfg)
+    calibration = None if s.resume else _calibrate(model, cfg, blocks, s.calibration_tokens, s.batch_size)
+    return model, cfg, calibration
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, blocks: Tensor, batch_size: int, dp: DataParallel) -> dict[str, float]:
+    """Mean next-token loss over ``blocks`` (rows split across ranks, token sums all-reduced) and its exp."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    mine = blocks[dp.rank:: dp.world_size]
+    for batch in mine.split(batch_size):
+        loss = model(input_ids=batch, labels=batch).loss
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * n
+        count += n
+    model.train(was)
+    total, count = dp.sum(total), dp.sum(count)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, start: int) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=start, info="")
+        yield lambda info: bar.update(task, advance=1, info=info)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_resume(s: TrainSettings, saved: dict[str, Any]) -> None:
+    current = s.model_dump(mode="json")
+    changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {s.out}: settings differ from the checkpoint's ({details})")
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(settings: TrainSettings | dict[str, Any], dp: DataParallel | None = None) -> TrainResult:
+    """Train, evaluate on held-out text, save model + tokenizer + ``train.json`` into ``settings.out``.
+
+    ``dp``: a data-parallel context (default: read from ``torchrun``'s environment, closed at the end).
+    Only rank 0 writes files; every rank returns the same metrics.
+    """
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings.build(**settings)
+    own = dp is None
+    dp = DataParallel.from_env() if dp is None else dp
+    try:
+        return _train(s, dp)
+    finally:
+        if own:
+            dp.close()
+
+
+def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
+    from gsa_bench.timing import load_average, utc_now
+
+    t_start = time.perf_counter()
+    ckpt_path = s.out / CHECKPOINT / "state.pt"
+    if s.resume and not ckpt_path.exists():
+        raise ConfigError(f"cannot resume: no checkpoint at {ckpt_path} (train with --checkpoint-every first)")
+    lay = layout(s.layout)
+    if s.block_len > lay.max_position_embeddings:
+        raise ConfigError(f"block_len {s.block_len} exceeds layout {s.layout!r}'s {lay.max_position_embeddings} "
+                          "positions")
+    s.out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(s.corpus, heldout_fraction=s.heldout_fraction)
+    tokenizer = _tokenizer(s, texts.train, dp)
+    blocks = encode_blocks(tokenizer, texts.train, s.block_len)
+    heldout = encode_blocks(tokenizer, texts.heldout, s.block_len)[: s.eval_blocks]
+    if len(blocks) == 0 or len(heldout) == 0:
+        raise ConfigError(f"corpus {s.corpus!r} is too small for block_len {s.block_len}: "
+                          f"{len(blocks)} training and {len(heldout)} held-out blocks")
+    dp.shard_range(s.batch_size)  # fail early when the batch does not split across ranks
+
+    model, cfg, calibration = build_model(s, tokenizer, blocks)
+    dp.broadcast_parameters(model)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.95))
+    controller = None
+    if cfg is not None and cfg.adaptation.enabled:
+        from gsa_core.adaptation.controller import AdaptationController
+
+        controller = AdaptationController(model, cfg, optimizer)
+
+    start, history, evals = 0, [], []
+    if s.resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume(s, state["settings"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if controller is not None and state.get("controller") is not None:
+            controller.load_state_dict(state["controller"])
+        start, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
+        calibration = state.get("calibration")
+
+    show = (sys.stderr.isatty() if s.progress is None else s.progress) and dp.is_main
+    end = min(s.steps, s.stop_after or s.steps)
+    t_loop, tokens_seen, losses = time.perf_counter(), 0, []
+    with _progress(show, s.steps, start) as tick:
+        for step in range(start, end):
+            lr = lr_at(step, s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = blocks[dp.shard(batch_rows(len(blocks), s.batch_size, step, s.seed))]
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            dp.average_gradients(model)
+            if controller is not None:
+                controller.after_backward(step)
+            grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+                         if s.grad_clip else float("nan"))
+            optimizer.step()
+            if controller is not None:
+                controller.step(step)
+            optimizer.zero_grad(set_to_none=True)
+            value = dp.mean(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step}; try a lower --lr")
+            losses.append(value)
+            tokens_seen += s.batch_size * s.block_len
+            if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+                history.append({"step": step + 1, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
+                                "grad_norm": round(grad_norm, 4)})
+                losses = []
+            if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
+                evals.append({"step": step + 1, **evaluate(model, heldout, s.batch_size, dp)})
+            if tick is not None:
+                tick(f"loss {value:.3f}")
+            if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+                if dp.is_main:
+                    (s.out / CHECKPOINT).mkdir(exist_ok=True)
+                    _atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "controller": None if controller is None else controller.state_dict(),
+                                  "history": history, "evals": evals, "calibration": calibration,
+                                  "settings": s.model_dump(mode="json")}, ckpt_path)
+                dp.barrier()
+    train_seconds = time.perf_counter() - t_loop
+    if end < s.steps:  # stopped early on purpose: leave the checkpoint, write nothing final
+        return TrainResult(s.out, {"stopped_at": end})
+
+    final = evaluate(model, heldout, s.batch_size, dp)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics: dict[str, Any] = {
+        "settings": s.model_dump(mode="json"),
+        "gsa_config": None if cfg is None else cfg.to_dict(),
+        "layout": describe(s.layout),
+        "corpus": {"source": texts.source, "documents": texts.n_documents, "train_passages": len(texts.train),
+                   "heldout_passages": len(texts.heldout), "train_blocks": len(blocks),
+                   "train_tokens": int(blocks.numel()), "heldout_blocks": len(heldout),
+                   "heldout_tokens": int(heldout.numel())},
+        "tokenizer": {"vocab_size": len(tokenizer), "trained": s.tokenizer is None},
+        "parameters": n_params,
+        "world_size": dp.world_size,
+        "resumed_from": start if s.resume else None,
+        "calibration": calibration,
+        "history": history,
+        "evals": evals,
+        "final": {"step": s.steps, "train_loss": history[-1]["loss"] if history else None,
+                  "heldout_loss": final["loss"], "heldout_ppl": final["ppl"], "heldout_tokens": final["tokens"]},
+        "adaptation": None if controller is None else controller.report(),
+        "seconds": {"total": round(time.perf_counter() - t_start, 2), "train": round(train_seconds, 2),
+                    "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1)},
+        "load_average": load_average(),
+        "finished": utc_now(),
+    }
+    if controller is not None:
+        controller.remove_hooks()
+    if dp.is_main:
+        model.save_pretrained(s.out)
+        tokenizer.save_pretrained(s.out)
+        (s.out / "train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    dp.barrier()
+    return TrainResult(s.out, metrics)
+
+
+__all__ = ["DEFAULT_GSA", "TrainResult", "TrainSettings", "build_model", "evaluate", "load_trained", "lr_at", "train"]
