@@ -1,8 +1,10 @@
 """``gpt-neo``: GPT-Neo's ``GPTNeoSelfAttention`` with ``_attn`` overridden.
 
 The module keeps its class structure and its input/output interface (a subclass swapped in place),
-so Hugging Face loading, the ``DynamicCache`` and ``generate()`` work unchanged. Per layer type the
-params choose ``gsa``, ``exact`` (the original softmax) or ``hybrid`` (exact over the last
+so Hugging Face loading, the ``DynamicCache`` and ``generate()`` work unchanged; handed a cache that
+attends itself (``gsa_generate``'s recurrent cache, which ``generate()`` uses by default), ``forward``
+gives it the new queries, keys and values instead (no ``n x n`` ``bias`` buffer is read on that path).
+Per layer type the params choose ``gsa``, ``exact`` (the original softmax) or ``hybrid`` (exact over the last
 ``hybrid_window`` keys plus GSA for older keys, one normaliser). A local layer in ``gsa`` mode keeps
 its sliding window (only the ``dense`` backend serves windows); ``hybrid`` extends it with GSA.
 GPT-Neo has no ``1/sqrt(d)`` logit scale, and neither has GSA.
@@ -54,6 +56,21 @@ def gsa_self_attention_class() -> type:
             # The model's mask (eager: additive 0 / min) is causal plus padding; the window is ours to add.
             spec = layer.masks.spec(attention_mask, batch, n_q, key.shape[-2], causal=True)
             return layer.attend(query, key, value, spec), None
+
+        def forward(self, hidden_states: Any, attention_mask: Any = None, layer_past: Any = None,
+                    use_cache: bool = False, output_attentions: bool = False, **kwargs: Any) -> tuple[Any, Any]:
+            # A cache that attends itself (gsa_generate's recurrent cache: a kernel state, a key window) gets
+            # the new q, k, v; every other cache takes the original path (update, then _attn).
+            attend = getattr(layer_past, "gsa_attend", None)
+            if attend is None:
+                return super().forward(hidden_states, attention_mask=attention_mask, layer_past=layer_past,
+                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+            query = self._split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+            key = self._split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
+            value = self._split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
+            out = attend(self, query, key, value, attention_mask)
+            out = self.resid_dropout(self.out_proj(self._merge_heads(out, self.num_heads, self.head_dim)))
+            return out, None
 
     GSAGPTNeoSelfAttention.__module__ = __name__
     GSAGPTNeoSelfAttention.__qualname__ = "GSAGPTNeoSelfAttention"

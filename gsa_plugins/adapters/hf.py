@@ -99,6 +99,23 @@ def _gsa_save_pretrained(self: PreTrainedModel, save_directory: str | Path, *arg
     return result
 
 
+def _gsa_prepare_cache_for_generation(self: PreTrainedModel, generation_config: Any, model_kwargs: dict,
+                                      *args: Any, **kwargs: Any) -> Any:
+    """``generate()`` without a cache of the caller's: the recurrent GSA cache where the model has one
+    (``gsa_generate``); ``cache_implementation="dynamic"`` (or any other) keeps transformers' choice."""
+    if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None and not generation_config.is_assistant):
+        try:
+            from gsa_generate.cache import recurrent_cache, supports_recurrent_cache
+        except ImportError:  # the integration is not installed: transformers' own cache
+            supports_recurrent_cache = None
+        if supports_recurrent_cache is not None and supports_recurrent_cache(self):
+            model_kwargs["cache"] = recurrent_cache(self)
+            return None
+    return type(self)._gsa_original._prepare_cache_for_generation(self, generation_config, model_kwargs,
+                                                                   *args, **kwargs)
+
+
 def gsa_model_class(original: type) -> type:
     """The GSA subclass of a Hugging Face model class, registered with every auto class mapping the original."""
     if getattr(original, "_gsa_original", None) is not None:
@@ -108,14 +125,17 @@ def gsa_model_class(original: type) -> type:
         if cls is not None:
             return cls
         config_cls = gsa_config_class(original.config_class)
-        cls = type(f"GSA{original.__name__}", (original,), {
+        namespace = {
             "config_class": config_cls,
             "_gsa_original": original,
             "__init__": _gsa_init,
             "save_pretrained": _gsa_save_pretrained,
             "__module__": __name__,
             "__doc__": f"{original.__name__} with Gaussian Splat Attention (see ``config.gsa``).",
-        })
+        }
+        if hasattr(original, "_prepare_cache_for_generation"):
+            namespace["_prepare_cache_for_generation"] = _gsa_prepare_cache_for_generation
+        cls = type(f"GSA{original.__name__}", (original,), namespace)
         _model_classes[original] = cls
         globals()[cls.__name__] = cls
         model_type = original.config_class.model_type
