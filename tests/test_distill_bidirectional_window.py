@@ -23,7 +23,7 @@ from gsa_plugins.adapters.layers import GSALayer, hybrid_attention
 @torch.no_grad()
 def naive(q, k, v, bank, key_padding, scaling, window):
     """Per query and key, by the definition (float64 loops)."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     s = math.sqrt(scaling)
     lq, lk = bank.log_features(q * s), bank.log_features(k * s)  # [B, H, n, K]
     out = torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64)
@@ -54,7 +54,9 @@ def test_bidirectional_hybrid_matches_naive_reference(n: int, window: int, seed:
     q, k = (torch.randn(2, 2, n, 3, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, 2, n, 2, generator=g, dtype=torch.float64)
     key_padding = torch.ones(2, n, dtype=torch.bool)
-    key_padding[0, n - min(pad, n - 1):] = False if min(pad, n - 1) else True  # right padding, keep one real key
+    n_pad = min(pad, n - 1)  # right padding, keep one real key
+    if n_pad:
+        key_padding[0, n - n_pad:] = False
     out = hybrid_attention(q, k, v, bank, MaskSpec(key_padding=key_padding), scaling=0.7, window=window)
     torch.testing.assert_close(out, naive(q, k, v, bank, key_padding, 0.7, window), atol=1e-9, rtol=1e-9)
 

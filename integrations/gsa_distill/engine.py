@@ -1,0 +1,520 @@
+"""One distillation run: load, convert, calibrate, stage 1 (splats vs the frozen original, layer by layer),
+optional stage 2 (task loss with LoRA or full fine-tuning), checkpoints, report, save.
+
+Why this order: calibration puts splats where the queries and keys are; stage 1 then fits each layer's
+attention output on the original inputs (cheap, no error compounding); stage 2 fixes what compounds
+through the network, against the frozen original's outputs. Data parallel under ``torchrun`` through
+``gsa_train.distributed.DataParallel`` (each process takes its rows of the same global batch; gradients
+are averaged, losses normalised by global counts, so the run equals the single-process one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gsa_core.config import GSAConfig
+from gsa_distill import checkpoint
+from gsa_distill.evaluate import embedding_agreement, mean_pool, sentence_embeddings
+from gsa_distill.regularisers import regularisation
+from gsa_distill.settings import DistillSettings
+from gsa_distill.taps import LayerTaps, layer_errors
+
+SCHEMA = "gsa-distill/1"
+#: LoRA target modules per original model type, when the settings name none.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+# ----------------------------------------------------------------------------- loading and data
+def load_source(source: str) -> tuple[nn.Module, Any]:
+    """A Hugging Face model folder as ``(model, tokenizer)``: a causal LM when its config says so, else the
+    bare encoder (``AutoModel``), with the ``sdpa`` attention the teacher runs on."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if not path.is_dir():
+        from gsa_core.errors import ConfigError
+
+        raise ConfigError(f"source model folder not found: {source} (give a folder saved with save_pretrained)")
+    config = AutoConfig.from_pretrained(path)
+    causal = bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    # the gpt-neo adapter wraps the eager attention class; the interface adapters wrap sdpa
+    attn = "eager" if getattr(config, "model_type", None) == "gpt_neo" else "sdpa"
+    model = cls.from_pretrained(path, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def training_texts(settings: DistillSettings) -> tuple[list[str], list[str]]:
+    """``(train passages, held-out passages)``: documents split by ``gsa_data.split_documents`` (the held-out
+    ones are never calibrated or trained on), shuffled with the seed."""
+    from gsa_data import load_corpus, pack_passages, split_documents
+
+    if settings.texts is not None:
+        texts = [t for t in settings.texts if t.strip()]
+        if len(texts) < 2:
+            raise ValueError("distillation needs at least two texts (one is held out)")
+        n_held = max(1, round(len(texts) * settings.heldout_fraction))
+        train, held = texts[:-n_held], texts[-n_held:]
+    else:
+        split = split_documents(load_corpus(settings.corpus), settings.heldout_fraction)
+        train = pack_passages(split.train, max_chars=settings.passage_chars)
+        held = pack_passages(split.heldout, max_chars=settings.passage_chars)
+    rng = random.Random(settings.seed)
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+def batch_order(n_batches: int, step: int, seed: int) -> int:
+    """The batch index used at ``step``: a fresh seeded permutation each epoch (a function of the step only,
+    so a resumed run reads the same batches as an uninterrupted one)."""
+    epoch, pos = divmod(step, n_batches)
+    order = list(range(n_batches))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[pos]
+
+
+def with_window(model: nn.Module, cfg: GSAConfig, window: int) -> GSAConfig:
+    """``cfg`` with every self-attention layer in hybrid mode: exact within ``window`` keys, GSA beyond (any
+    adapter: through its per-layer ``layers`` overrides)."""
+    from gsa_core.config import AdapterSpec
+    from gsa_core.registry import get_registry
+    from gsa_plugins.adapters import detect_adapter
+
+    name = cfg.adapter.name if cfg.adapter is not None else detect_adapter(model).name
+    params = dict(cfg.adapter.params) if cfg.adapter is not None else {}
+    adapter = get_registry().build("adapter", name, params)
+    layers = sorted({site.layer for site in adapter.sites(model) if site.kind != "cross"})
+    params.update(hybrid_window=window, layers={**{i: "hybrid" for i in layers}, **params.get("layers", {})})
+    return cfg.model_copy(update={"adapter": AdapterSpec(name=name, params=params)})
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Progress:
+    """A rich progress bar, or nothing (off when stderr is not a terminal unless asked)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+            self._bar.__enter__()
+        return self
+
+    def task(self, description: str, total: int, completed: int = 0) -> Any:
+        return None if self._bar is None else self._bar.add_task(description, total=total, completed=completed,
+                                                                 info="")
+
+    def update(self, task: Any, info: str) -> None:
+        if self._bar is not None and task is not None:
+            self._bar.update(task, advance=1, info=info)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _bank_params(layers: Mapping[str, Any]) -> list[nn.Parameter]:
+    return [p for layer in layers.values() for p in layer.bank.parameters()]
+
+
+def _make_controller(model: nn.Module, cfg: Any, optimizer: torch.optim.Optimizer) -> Any:
+    from gsa_core.adaptation.controller import controller_for
+
+    return controller_for(model, cfg, optimizer)
+
+
+# ----------------------------------------------------------------------------- the run
+class Distiller:
+    """Runs :func:`distill`; kept as an object so tests and benchmarks can reach the model and the state."""
+
+    def __init__(self, settings: DistillSettings, *, model: nn.Module | None = None, tokenizer: Any = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        from gsa_train.distributed import DataParallel
+
+        self.s = settings
+        self.dp = DataParallel.from_env()
+        self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if model is None:
+            model, tokenizer = load_source(settings.source)
+        if tokenizer is None:
+            raise ValueError("distill() needs a tokenizer with the model")
+        self.model, self.tokenizer = model, tokenizer
+        self.report: dict[str, Any] = {"schema": SCHEMA, "settings": settings.model_dump(mode="json")}
+        self.timings: dict[str, float] = {}
+        out = settings.output
+        self.ckpt_dir = None if out is None else Path(out) / "checkpoints"
+        progress = settings.progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dp.is_main
+
+    # ------------------------------------------------------------ pieces
+    def _info(self, msg: str) -> None:
+        if self.dp.is_main:
+            self.log(msg)
+
+    def convert(self) -> None:
+        from gsa_plugins.adapters import convert, gsa_layers, is_converted
+
+        torch.manual_seed(self.s.seed)
+        if not is_converted(self.model):
+            cfg = self.s.gsa_config().model_copy(update={"seed": self.s.seed})
+            if self.s.window is not None:
+                cfg = with_window(self.model, cfg, self.s.window)
+            self.model = convert(self.model, cfg)
+        self.layers = gsa_layers(self.model)
+        if not self.layers:
+            raise ValueError("the converted model has no GSA layers (every layer is 'exact'); nothing to distil")
+        self.cfg = GSAConfig.from_model_config(self.model.config)
+        self.causal = any(layer.causal for layer in self.layers.values())
+
+    def data(self) -> None:
+        from gsa_calibrate.collect import token_batches
+
+        train, held = training_texts(self.s)
+        kw = {"batch_size": self.s.batch_size, "max_length": self.s.max_length}
+        self.train_batches = token_batches(self.tokenizer, train, **kw)
+        if not self.train_batches:
+            raise ValueError("no training text")
+        self.eval_batches = token_batches(self.tokenizer, held, **kw)[:self.s.eval_batches]
+        self.report["data"] = {"train_passages": len(train), "heldout_passages": len(held),
+                               "train_batches": len(self.train_batches), "eval_batches": len(self.eval_batches)}
+
+    def calibrate(self) -> None:
+        from gsa_calibrate.collect import collect_qk
+
+        from gsa_core.calibration import calibrate_banks
+        from gsa_plugins.adapters import attention_layers, banks, set_passthrough
+
+        t0 = time.perf_counter()
+        set_passthrough(self.model, True)
+        need = self.s.calib_tokens
+        batches = []
+        for b in self.train_batches:  # the first batches until calib_tokens real tokens
+            batches.append(b)
+            need -= int(b["attention_mask"].sum())
+            if need <= 0:
+                break
+        vectors = collect_qk(self.model, attention_layers(self.model), batches, max_tokens=self.s.calib_tokens)
+        report = calibrate_banks(banks(self.model), vectors, (self.s.initializer, self.s.initializer_params),
+                                 seed=self.s.seed)
+        self.timings["calibration_s"] = time.perf_counter() - t0
+        self.report["calibration"] = report.to_dict()
+
+    def eval_layers(self, label: str) -> None:
+        if self.eval_batches:
+            self.report.setdefault("layer_error", {})[label] = layer_errors(self.model, self.layers,
+                                                                           self.eval_batches)
+
+    def eval_embeddings(self, label: str, teacher: nn.Module | None = None) -> None:
+        """Held-out mean-pooled embedding cosine of an encoder (GSA on) against its original (passthrough)."""
+        from gsa_plugins.adapters import set_passthrough
+
+        if self.causal or not self.eval_batches:
+            return
+        if teacher is None:
+            set_passthrough(self.model, True)
+            ref = sentence_embeddings(self.model, self.eval_batches)
+        else:
+            ref = sentence_embeddings(teacher, self.eval_batches)
+        set_passthrough(self.model, False)
+        got = sentence_embeddings(self.model, self.eval_batches)
+        self.report.setdefault("embedding", {})[label] = embedding_agreement(ref, got)
+
+    def _save_ckpt(self, stage: int, step: int, optimizer: torch.optim.Optimizer, controller: Any,
+                   history: list[dict[str, Any]]) -> None:
+        if self.ckpt_dir is None or not self.dp.is_main:
+            return
+        checkpoint.save(self.ckpt_dir, {
+            "stage": stage, "step": step, "model": checkpoint.trainable_state(self.model),
+            "optimizer": optimizer.state_dict(), "controller": None if controller is None else controller.state_dict(),
+            "history": history, "report": self.report, "timings": self.timings,
+        })
+
+    def _global_batch(self, step: int) -> dict[str, Tensor]:
+        idx = batch_order(len(self.train_batches), step, self.s.seed)
+        batch = self.train_batches[idx]
+        if self.dp.active:
+            rows = batch["input_ids"].shape[0]
+            if rows % self.dp.world_size:  # the last, smaller batch: drop the rows that do not divide
+                keep = rows - rows % self.dp.world_size
+                batch = {k: v[:keep] for k, v in batch.items()}
+            batch = self.dp.shard(batch)
+        return batch
+
+    # ------------------------------------------------------------ stage 1
+    def stage1(self, resume: dict[str, Any] | None) -> None:
+        from gsa_plugins.adapters import set_passthrough
+
+        steps = self.s.stage1_steps
+        self.model.requires_grad_(False)
+        params = _bank_params(self.layers)
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=self.s.stage1_lr)
+        controller = _make_controller(self.model, self.cfg, optimizer)
+        start, history = 0, []
+        if resume is not None:
+            checkpoint.load_trainable_state(self.model, resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if controller is not None and resume["controller"] is not None:
+                controller.load_state_dict(resume["controller"])
+            start, history = resume["step"], list(resume["history"])
+        set_passthrough(self.model, True)
+        self.model.eval()
+        for layer in self.layers.values():
+            layer.train()  # the controller observes training-mode GSA forwards
+        device = params[0].device
+        banks = {n: layer.bank for n, layer in self.layers.items()}
+        t0 = time.perf_counter()
+        stop = self._stop_at(start, steps)
+        with _Progress(self.progress) as bar, LayerTaps(self.layers) as taps:
+            task = bar.task("stage 1: splats vs original", steps, start)
+            for step in range(start, stop):
+                batch = _to(self._global_batch(step), device)
+                taps.start(batch["attention_mask"])
+                self.model(**batch)
+                ref = {n: self.dp.sum(taps.ref[n]) for n in self.layers}
+                per_layer = [taps.err[n] / max(ref[n], 1e-30) for n in self.layers]
+                loss = torch.stack(per_layer).mean() * self.dp.world_size
+                reg, reg_values = regularisation(banks, self.s.regularisers)
+                total = loss if reg is None else loss + reg
+                total.backward()
+                self.dp.average_gradients(params)
+                if controller is not None:
+                    controller.after_backward(step)
+                optimizer.step()
+                if controller is not None:
+                    controller.step(step)
+                optimizer.zero_grad(set_to_none=True)
+                value = self.dp.sum(loss.detach()) / self.dp.world_size  # the global relative MSE
+                if step % self.s.log_every == 0 or step == steps - 1:
+                    history.append({"step": step, "rel_mse": value, **reg_values})
+                bar.update(task, f"rel. MSE {value:.4f}")
+                if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
+                    self._save_ckpt(1, step + 1, optimizer, controller, history)
+        for layer in self.layers.values():
+            layer.train(False)
+        if controller is not None:
+            self.report["adaptation_stage1"] = controller.report()
+            controller.remove_hooks()
+        self.timings["stage1_s"] = self.timings.get("stage1_s", 0.0) + time.perf_counter() - t0
+        self.report["stage1"] = {"steps": steps, "lr": self.s.stage1_lr, "history": history}
+        self.finished = stop >= steps
+
+    def _stop_at(self, start: int, steps: int) -> int:
+        budget = getattr(self, "_budget_left", None)
+        if budget is None:
+            return steps
+        stop = min(steps, start + budget)
+        self._budget_left = budget - (stop - start)
+        return stop
+
+    # ------------------------------------------------------------ stage 2
+    def _task_loss(self) -> str:
+        loss = self.s.task_loss
+        if loss == "auto":
+            return "logit-kl" if self.causal else "embedding-cosine"
+        if loss == "embedding-cosine" and self.causal:
+            raise ValueError("task_loss 'embedding-cosine' is for encoders; use next-token or logit-kl for a causal LM")
+        if loss in ("next-token", "logit-kl") and not self.causal:
+            raise ValueError(f"task_loss {loss!r} needs a causal LM; use embedding-cosine for an encoder")
+        return loss
+
+    def stage2(self, resume: dict[str, Any] | None) -> None:
+        from gsa_plugins.adapters import gsa_layers, set_passthrough
+        from gsa_plugins.adapters.base import original_model_type
+
+        kind, steps = self.s.stage2, self.s.stage2_steps
+        loss_name = self._task_loss()
+        teacher = copy.deepcopy(self.model)
+        set_passthrough(teacher, True)
+        teacher.requires_grad_(False).eval()
+        for layer in gsa_layers(teacher).values():
+            layer.teacher = None
+        set_passthrough(self.model, False)
+        self.model.requires_grad_(False)
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = self.s.lora_targets or LORA_TARGETS.get(original_model_type(self.model) or "")
+            if not targets:
+                raise ValueError(f"no default LoRA targets for model type {original_model_type(self.model)!r}: set "
+                                 f"lora_targets (defaults exist for {', '.join(sorted(LORA_TARGETS))})")
+            lora = LoraConfig(r=self.s.lora_rank, lora_alpha=self.s.lora_alpha, target_modules=targets,
+                              lora_dropout=0.0)
+            self.model = get_peft_model(self.model, lora)
+            host_params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        else:
+            host_params = [p for n, p in self.model.named_parameters() if ".bank." not in n]
+        for p in host_params:
+            p.requires_grad_(True)
+        splat_params = _bank_params(self.layers)
+        for p in splat_params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam([{"params": host_params, "lr": self.s.lr2()},
+                                      {"params": splat_params, "lr": self.s.lr_splats2()}])
+        controller = _make_controller(self.model, self.cfg, optimizer)
+        start, history = 0, []
+        if resume is not None:
+            checkpoint.load_trainable_state(self.model, resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if controller is not None and resume["controller"] is not None:
+                controller.load_state_dict(resume["controller"])
+            start, history = resume["step"], list(resume["history"])
+        self.model.eval()
+        for layer in self.layers.values():
+            layer.train()
+        device = splat_params[0].device
+        all_params = host_params + splat_params
+        t0 = time.perf_counter()
+        stop = self._stop_at(start, steps)
+        with _Progress(self.progress) as bar:
+            task = bar.task(f"stage 2: {kind}, {loss_name}", steps, start)
+            for step in range(start, stop):
+                batch = _to(self._global_batch(step), device)
+                loss = self._stage2_loss(loss_name, teacher, batch)
+                loss.backward()
+                self.dp.average_gradients(all_params)
+                if controller is not None:
+                    controller.after_backward(step)
+                optimizer.step()
+                if controller is not None:
+                    controller.step(step)
+                optimizer.zero_grad(set_to_none=True)
+                value = self.dp.mean(loss.detach())
+                if step % self.s.log_every == 0 or step == steps - 1:
+                    history.append({"step": step, "loss": value})
+                bar.update(task, f"{loss_name} {value:.5f}")
+                if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
+                    self._save_ckpt(2, step + 1, optimizer, controller, history)
+        for layer in self.layers.values():
+            layer.train(False)
+        if controller is not None:
+            self.report["adaptation_stage2"] = controller.report()
+            controller.remove_hooks()
+        if kind == "lora":
+            self.model = self.model.merge_and_unload()
+        self.teacher = teacher
+        self.timings["stage2_s"] = self.timings.get("stage2_s", 0.0) + time.perf_counter() - t0
+        self.report["stage2"] = {"kind": kind, "steps": steps, "lr": self.s.lr2(), "splat_lr": self.s.lr_splats2(),
+                                 "task_loss": loss_name, "history": history,
+                                 "trainable_host_params": sum(p.numel() for p in host_params),
+                                 "trainable_splat_params": sum(p.numel() for p in splat_params)}
+        self.finished = stop >= steps
+
+    def _stage2_loss(self, loss_name: str, teacher: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"]
+        if loss_name == "embedding-cosine":
+            with torch.no_grad():
+                target = mean_pool(teacher(**batch).last_hidden_state, mask)
+            got = mean_pool(self.model(**batch).last_hidden_state, mask)
+            return (1.0 - torch.nn.functional.cosine_similarity(got.float(), target.float(), dim=-1)).mean()
+        logits = self.model(**batch).logits[:, :-1].float()
+        real = mask[:, 1:].bool()
+        n_global = self.dp.sum(int(real.sum()))
+        if loss_name == "next-token":
+            labels = batch["input_ids"][:, 1:].masked_fill(~real, -100)
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            return ce / max(n_global, 1) * self.dp.world_size
+        with torch.no_grad():
+            ref = teacher(**batch).logits[:, :-1].float().log_softmax(-1)
+        kl = (ref.exp() * (ref - logits.log_softmax(-1))).sum(-1)
+        return (kl * real).sum() / max(n_global, 1) * self.dp.world_size
+
+    # ------------------------------------------------------------ everything
+    def run(self, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+        """Run (or resume) the whole distillation; ``stop_after_steps`` stops early leaving a checkpoint
+        (for tests and time budgets), with ``report["finished"] = False``."""
+        self._budget_left = stop_after_steps
+        started = time.perf_counter()
+        torch.manual_seed(self.s.seed)
+        random.seed(self.s.seed)
+        resume = None
+        if self.s.resume and self.ckpt_dir is not None:
+            resume = checkpoint.load(self.ckpt_dir)
+        self.convert()
+        self.data()
+        if resume is None:
+            self.calibrate()
+            self.eval_layers("calibrated")
+            self.eval_embeddings("calibrated")
+        else:
+            self.report = resume["report"]
+            self.timings = dict(resume["timings"])
+            self._info(f"resuming stage {resume['stage']} at step {resume['step']}")
+        self.finished = True
+        stage1_resume = resume if resume is not None and resume["stage"] == 1 else None
+        if resume is None or resume["stage"] == 1:
+            self.stage1(stage1_resume)
+            if self.finished:
+                self.eval_layers("stage1")
+                self.eval_embeddings("stage1")
+        elif resume["stage"] == 2:  # stage 1 is done: its final banks are in the stage-2 checkpoint
+            pass
+        if self.finished and self.s.stage2 != "none":
+            self.stage2(resume if resume is not None and resume["stage"] == 2 else None)
+            if self.finished:
+                self.eval_layers("stage2")
+                self.eval_embeddings("stage2", teacher=self.teacher)
+        from gsa_plugins.adapters import set_passthrough
+
+        set_passthrough(self.model, False)
+        self.timings["run_s"] = self.timings.get("run_s", 0.0) + time.perf_counter() - started
+        self.report["timings"] = self.timings
+        self.report["finished"] = self.finished
+        self.report["world_size"] = self.dp.world_size
+        if self.finished and self.s.output is not None and self.dp.is_main:
+            self.save(Path(self.s.output))
+        return self.report
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
+        (out / "distill.json").write_text(json.dumps(self.report, indent=1, default=str) + "\n")
+
+
+def distill(settings: DistillSettings | Mapping[str, Any], *, model: nn.Module | None = None, tokenizer: Any = None,
+            stop_after_steps: int | None = None, log: Callable[[str], None] | None = None) -> Distiller:
+    """Distil ``settings.source`` (or ``model`` + ``tokenizer``) into GSA; returns the finished
+    :class:`Distiller` (``.model`` the converted model, ``.report`` what ``distill.json`` holds)."""
+    if not isinstance(settings, DistillSettings):
+        settings = DistillSettings.build(**dict(settings))
+    runner = Distiller(settings, model=model, tokenizer=tokenizer, log=log)
+    try:
+        runner.run(stop_after_steps=stop_after_steps)
+    finally:
+        runner.dp.close()
+    return runner
+
+
+__all__ = ["LORA_TARGETS", "SCHEMA", "Distiller", "batch_order", "distill", "load_source", "training_texts"]
