@@ -1,0 +1,98 @@
+"""``gsa chat --script``, the scripted demo, ``gsa logs``, and multi-line input, run in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _chat_models import build_chat_model
+from gsa_chat.demo import DEMO_SCRIPT, run_demo
+from gsa_chat.models import load_chat_model
+from gsa_chat.repl import Output, read_message
+from gsa_chat.store import Store
+from gsa_cli.main import main
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_chat_model(tmp_path_factory.mktemp("chat_model"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GSA_HOME", str(tmp_path))
+    return tmp_path
+
+
+def lines_reader(lines: list[str]):
+    queue = list(lines)
+
+    def read_line(prompt: str) -> str:
+        if not queue:
+            raise EOFError
+        return queue.pop(0)
+
+    return read_line
+
+
+def test_multi_line_input_forms() -> None:
+    assert read_message(lines_reader(["a \\", "b\\", "c"])) == "a \nb\nc"
+    assert read_message(lines_reader(['"""', "x", "", "  y", '"""', "after"])) == "x\n\n  y"
+    assert read_message(lines_reader(["ends in a real backslash \\\\"])) == "ends in a real backslash \\\\"
+    with pytest.raises(EOFError):
+        read_message(lines_reader(['"""', "never closed"]))
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=30)
+       .filter(lambda s: not s.endswith("\\") and s.strip() != '"""'))
+def test_a_plain_line_is_one_message(line: str) -> None:
+    assert read_message(lines_reader([line, "next"])) == line
+
+
+def test_script_runs_a_conversation_and_logs_show_it(home: Path, model_dir: Path, capsys) -> None:
+    script = home / "talk.txt"
+    script.write_text("Once upon a time\n/set top_k 5\n/save scripted\n/history\n", encoding="utf-8")
+    assert main(["chat", str(model_dir), "--script", str(script), "--set", "max_new_tokens=4", "--set", "seed=2",
+                 "--system", "sys"]) == 0
+    out = capsys.readouterr().out
+    assert "> Once upon a time\n" in out and "top_k = 5" in out and "saved as #1 (scripted)" in out
+    with Store(home / "data" / "chat.sqlite3") as store:
+        session = store.session("scripted")
+    assert [m.role for m in session.messages] == ["user", "assistant"]
+    assert session.settings["top_k"] == 5 and session.system == "sys"
+    assert f"assistant: {session.messages[1].content}" in out
+
+    assert main(["logs", "show", "scripted", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [m["content"] for m in shown["messages"]] == [m.content for m in session.messages]
+    assert main(["logs"]) == 0
+    assert "scripted" in capsys.readouterr().out
+    assert main(["logs", "show"]) == 2
+    assert "gsa logs show needs a session id or name" in capsys.readouterr().err
+    assert main(["logs", "show", "nope"]) == 2
+    assert "no chat session with id or name 'nope'" in capsys.readouterr().err
+
+
+def test_continue_with_nothing_saved_starts_a_new_session(home: Path, model_dir: Path, capsys) -> None:
+    script = home / "s.txt"
+    script.write_text("/history\n", encoding="utf-8")
+    assert main(["chat", str(model_dir), "--continue", "--script", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "no saved session to continue; starting a new one" in out and "(no messages yet)" in out
+
+
+def test_demo_script_on_a_given_model(home: Path, model_dir: Path, capsys) -> None:
+    store = Store(home / "demo.sqlite3")
+    assert run_demo(load_chat_model(model_dir), store, out=Output()) == 0
+    out = capsys.readouterr().out
+    for line in DEMO_SCRIPT:
+        assert f"> {line}\n" in out
+    session = store.sessions()[0]
+    messages = store.messages(session.id, include_replaced=True)
+    assert [(m.role, m.status) for m in messages] == [("user", "done"), ("assistant", "replaced"),
+                                                      ("assistant", "done"), ("user", "done"), ("assistant", "done")]
+    assert f"gsa logs show {session.id}" in out
+    store.close()
