@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
 from _chat_models import build_chat_model
 from gsa_chat.demo import DEMO_SCRIPT, run_demo
 from gsa_chat.models import load_chat_model
-from gsa_chat.repl import Output, read_message
+from gsa_chat.repl import Output, read_message, sigint_sets
+from gsa_chat.sampling import SamplingSettings
+from gsa_chat.session import ChatSession
 from gsa_chat.store import Store
 from gsa_cli.main import main
 from hypothesis import given
@@ -74,6 +79,46 @@ def test_script_runs_a_conversation_and_logs_show_it(home: Path, model_dir: Path
     assert "gsa logs show needs a session id or name" in capsys.readouterr().err
     assert main(["logs", "show", "nope"]) == 2
     assert "no chat session with id or name 'nope'" in capsys.readouterr().err
+
+
+def test_continue_restores_the_latest_session_and_load_switches(home: Path, model_dir: Path, capsys) -> None:
+    with Store(home / "data" / "chat.sqlite3") as store:
+        alpha = store.create_session(model="m", template="plain", settings={"max_new_tokens": 3})
+        store.update_session(alpha.id, name="alpha")
+        store.add_message(alpha.id, "user", "hello alpha")
+        beta = store.create_session(model="m", template="plain", settings={"top_k": 7})
+        store.add_message(beta.id, "user", "hello beta")
+    script = home / "s.txt"
+    script.write_text("/history\n/set\n/load alpha\nmore\n/exit\nnot reached\n", encoding="utf-8")
+    assert main(["chat", str(model_dir), "--continue", "--script", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing session #{beta.id} (1 messages" in out and "user: hello beta" in out and "top_k = 7" in out
+    assert f"loaded session #{alpha.id} (alpha)" in out and "> not reached" not in out
+    with Store(home / "data" / "chat.sqlite3") as store:
+        assert [m.content for m in store.messages(alpha.id)][:2] == ["hello alpha", "more"]
+        assert store.session("alpha").settings["max_new_tokens"] == 3
+    assert main(["chat", str(model_dir), "--session", "alpha", "--script", str(home / "s.txt")]) == 0
+    assert f"continuing session #{alpha.id} (alpha) (3 messages" in capsys.readouterr().out
+
+
+def test_sigint_during_a_reply_stops_it_and_keeps_the_text(home: Path, tmp_path_factory) -> None:
+    chat_model = load_chat_model(build_chat_model(tmp_path_factory.mktemp("endless"), endless=True))
+    store = Store(home / "c.sqlite3")
+    chat = ChatSession.start(store, chat_model, settings=SamplingSettings(max_new_tokens=3000, seed=0))
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl+C does
+
+    stop = threading.Event()
+    with sigint_sets(stop):
+        reply = chat.send("Once", on_text=on_text, interrupt=stop)
+    assert reply.finish_reason == "interrupted" and reply.new_tokens < 3000
+    last = store.messages(chat.session.id)[-1]
+    assert (last.content, last.status) == (reply.text, "stopped") and reply.text == "".join(pieces)
+    store.close()
 
 
 def test_continue_with_nothing_saved_starts_a_new_session(home: Path, model_dir: Path, capsys) -> None:

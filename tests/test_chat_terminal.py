@@ -109,6 +109,7 @@ def test_transcript_commands_and_database(tmp_path: Path, models: dict[str, Path
     assert [(s["id"], s["name"], s["messages"]) for s in data["sessions"]] == [(1, "story", 7)]
 
 
+@pytest.mark.slow  # a third terminal session; the same paths run in-process in test_chat_script.py
 def test_continue_load_and_ctrl_d(tmp_path: Path, models: dict[str, Path]) -> None:
     with db(tmp_path) as store:
         alpha = store.create_session(model="m", template="plain", settings={"max_new_tokens": 5})
