@@ -141,3 +141,24 @@ def test_demo_script_on_a_given_model(home: Path, model_dir: Path, capsys) -> No
                                                       ("assistant", "done"), ("user", "done"), ("assistant", "done")]
     assert f"gsa logs show {session.id}" in out
     store.close()
+
+
+def test_chat_on_a_converted_gsa_checkpoint(home: Path, model_dir: Path, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gsa_plugins.adapters import convert, is_converted
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    convert(model, {"bank": {"n_splats": 4}, "backend": "kernel",
+                    "adapter": {"name": "gpt-neo", "params": {"global_layers": "gsa", "local_layers": "exact"}}})
+    folder = tmp_path / "gsa_model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    loaded = load_chat_model(folder)
+    assert is_converted(loaded.model)
+    script = tmp_path / "s.txt"
+    script.write_text("Once upon a time\n", encoding="utf-8")
+    assert main(["chat", str(folder), "--script", str(script), "--set", "max_new_tokens=5"]) == 0
+    with Store(home / "data" / "chat.sqlite3") as store:
+        (session,) = store.sessions()
+        assert [m.role for m in store.messages(session.id)] == ["user", "assistant"]

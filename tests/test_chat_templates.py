@@ -28,27 +28,28 @@ class _Tok:
 
 
 def test_tinystories_instruct_layout_exactly() -> None:
-    message = "Words: cat, sun, hat\nFeatures: Dialogue, Twist\nSummary: A cat finds a hat.\nSentence: It was red."
+    message = ("Words: cat, sun, hat\nFeatures: Dialogue, Twist\nSummary: A cat finds a hat.\n"
+               "Random sentence: It was red.")
     assert render_tinystories_instruct([("user", message)]) == (
         "Summary: A cat finds a hat.\n"
         "Features: Dialogue, Twist\n"
-        "Sentence: It was red.\n"
         "Words: cat, sun, hat\n"
-        "Story: "
+        "Random sentence: It was red.\n"
+        "Story:\n"
     )
 
 
 def test_tinystories_plain_text_is_the_summary_and_only_the_last_message_counts() -> None:
     turns = [("user", "an old request"), ("assistant", "an old story"), ("user", "A dog loses a ball.\nWords: ball")]
-    assert render_tinystories_instruct(turns) == "Summary: A dog loses a ball.\nWords: ball\nStory: "
-    assert render_tinystories_instruct([]) == "Story: "
-    assert tinystories_fields("random sentence: Hi.\nWORDS: a, b") == {"Sentence": "Hi.", "Words": "a, b"}
+    assert render_tinystories_instruct(turns) == "Summary: A dog loses a ball.\nWords: ball\nStory:\n"
+    assert render_tinystories_instruct([]) == "Story:\n"
+    assert tinystories_fields("sentence: Hi.\nWORDS: a, b") == {"Random sentence": "Hi.", "Words": "a, b"}
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=60)
        .filter(lambda s: ":" not in s and s.strip()))
 def test_any_free_text_becomes_the_summary(text: str) -> None:
-    assert render_tinystories_instruct([("user", text)]) == f"Summary: {text.strip()}\nStory: "
+    assert render_tinystories_instruct([("user", text)]) == f"Summary: {text.strip()}\nStory:\n"
 
 
 def test_plain_joins_messages_and_the_reply_continues_the_last() -> None:

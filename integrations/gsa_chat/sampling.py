@@ -202,7 +202,7 @@ def generate_reply(model: Any, tokenizer: Any, prompt_ids: Sequence[int], settin
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the GSA recurrent cache reads tensor version counters
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              generation_config=config, streamer=streamer, tokenizer=tokenizer,
                              stopping_criteria=StoppingCriteriaList([_Interrupt(interrupt)]))

@@ -115,8 +115,11 @@ class ChatSession:
                 self.store.update_message(message_id, content="".join(parts))
                 last = time.monotonic()
 
+        settings = self.settings
+        if self.template.stop:
+            settings = settings.model_copy(update={"stop": [*settings.stop, *self.template.stop]})
         try:
-            reply = generate_reply(self.chat_model.model, self.chat_model.tokenizer, ids, self.settings,
+            reply = generate_reply(self.chat_model.model, self.chat_model.tokenizer, ids, settings,
                                    on_text=stream, interrupt=interrupt)
         except BaseException:
             self.store.update_message(message_id, content="".join(parts), status="stopped")

@@ -17,9 +17,9 @@ from gsa_core.errors import GSAError, did_you_mean
 Turn = tuple[str, str]  # (role, content), role in {"user", "assistant"}
 
 #: TinyStories-Instruct's instruction fields, in the order they are written before ``Story:``.
-TINYSTORIES_FIELDS = ("Summary", "Features", "Sentence", "Words")
-_FIELD_ALIASES = {"summary": "Summary", "features": "Features", "sentence": "Sentence",
-                  "random sentence": "Sentence", "words": "Words"}
+TINYSTORIES_FIELDS = ("Summary", "Features", "Words", "Random sentence")
+_FIELD_ALIASES = {"summary": "Summary", "features": "Features", "words": "Words",
+                  "random sentence": "Random sentence", "sentence": "Random sentence"}
 _FIELD_LINE = re.compile(r"^\s*(summary|features|random sentence|sentence|words)\s*:\s*(.*)$", re.IGNORECASE)
 
 
@@ -38,6 +38,7 @@ class Template:
     prepend_bos: bool = True
     #: Whether the system prompt (``/system``) changes the rendered text.
     uses_system: bool = True
+    #: Text that ends a reply in this layout (added to the user's stop strings), e.g. the start of a new entry.
     stop: tuple[str, ...] = ()
 
 
@@ -61,17 +62,19 @@ def render_tinystories_instruct(turns: Sequence[Turn], system: str = "", tokeniz
 
         Summary: <summary>
         Features: <features>
-        Sentence: <sentence>
         Words: <words>
-        Story:<space>
+        Random sentence: <sentence>
+        Story:
+        <the model writes the story here>
 
-    Only the fields given are written, always in this order. Earlier turns are left out: the data set's
-    entries are independent stories, so earlier ones are not context the model knows how to use.
+    Only the fields given are written, always in this order (the data set varies the order; one fixed order
+    keeps prompts comparable). Earlier turns are left out: the data set's entries are independent
+    stories, so earlier ones are not context the model knows how to use.
     """
     user = next((content for role, content in reversed(turns) if role == "user"), "")
     fields = tinystories_fields(user)
     lines = [f"{key}: {fields[key]}" for key in TINYSTORIES_FIELDS if fields.get(key)]
-    return "\n".join([*lines, "Story: "])
+    return "\n".join([*lines, "Story:\n"])
 
 
 def render_plain(turns: Sequence[Turn], system: str = "", tokenizer: Any = None) -> str:
@@ -98,8 +101,8 @@ def render_chat_template(turns: Sequence[Turn], system: str = "", tokenizer: Any
 
 TEMPLATES: dict[str, Template] = {
     "tinystories-instruct": Template(
-        "tinystories-instruct", "Summary:/Features:/Sentence:/Words: lines, then 'Story:' (TinyStories-Instruct)",
-        render_tinystories_instruct, uses_system=False),
+        "tinystories-instruct", "Summary:/Features:/Words:/Random sentence: lines, then 'Story:'",
+        render_tinystories_instruct, uses_system=False, stop=tuple(f"\n{key}:" for key in TINYSTORIES_FIELDS)),
     "plain": Template("plain", "the conversation as plain text; the model continues it", render_plain),
     "chat-template": Template("chat-template", "the tokenizer's chat template (apply_chat_template)",
                               render_chat_template, prepend_bos=False),
