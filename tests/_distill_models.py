@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = ("the a of and to in is for on with as by it this that be are from or an at which not value list "
-         "return string file module object function class method type name error data").split()
+_WORDS = ("the a of and to in is for on with as by it this that be are from or an at which not value list "
+          "return string file module object function class method type name error data")
+WORDS = tuple(_WORDS.split())
 
 
 def texts(n: int = 48, seed: int = 0) -> list[str]:

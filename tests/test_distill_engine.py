@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from _distill_models import settings, tiny_bert_folder
-
-from gsa_core.bank import SplatBank
-from gsa_core.errors import ConfigError, GSAError
 from gsa_distill import REGULARISERS, DistillSettings, check_regularisers, distill, embedding_agreement
 from gsa_distill.engine import batch_order
 from gsa_distill.regularisers import amplitude_l1, overlap
+
+from gsa_core.bank import SplatBank
+from gsa_core.errors import ConfigError, GSAError
 from gsa_plugins.adapters import banks, load_converted
 
 QUIET = {"log": lambda msg: None}

@@ -371,6 +371,7 @@ class Distiller:
                                  f"lora_targets (defaults exist for {', '.join(sorted(LORA_TARGETS))})")
             lora = LoraConfig(r=self.s.lora_rank, lora_alpha=self.s.lora_alpha, target_modules=targets,
                               lora_dropout=0.0)
+            torch.manual_seed(self.s.seed + 1)  # LoRA's init draws from the global generator: same on every rank
             self.model = get_peft_model(self.model, lora)
             host_params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         else:
