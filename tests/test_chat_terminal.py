@@ -70,7 +70,9 @@ def test_transcript_commands_and_database(tmp_path: Path, models: dict[str, Path
     unknown = say(child, "/frob")
     assert "error: unknown command /frob." in unknown and "/regen" in unknown and "/history" in unknown
     assert say(child, "/system Be brief.") == "system prompt set"
-    second = reply_text(say(child, "/regen"))
+    note, regenerated = say(child, "/regen").split("\n", 1)
+    assert note.startswith("(seed is fixed at 0")
+    second = reply_text(regenerated)
     child.sendline("line one \\")
     child.expect_exact("\r\n... ")
     third = reply_text(say(child, "line two"))

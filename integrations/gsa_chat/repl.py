@@ -180,6 +180,9 @@ def _reset(repl: Repl, arg: str) -> None:
 
 
 def _regen(repl: Repl, arg: str) -> None:
+    if repl.chat.settings.seed is not None:
+        repl.out.note(f"(seed is fixed at {repl.chat.settings.seed}, so the same prompt gives the same reply; "
+                      "/set seed none for a different one)")
     repl.respond(lambda on_text, stop: repl.chat.regenerate(on_text=on_text, interrupt=stop))
 
 
