@@ -101,6 +101,15 @@ def test_greedy_generate_uses_the_cache_and_matches_recomputation():
     assert torch.equal(out.sequences, seq)
 
 
+def test_generate_under_inference_mode():
+    model = converted("hybrid/hybrid")
+    ids, mask = batch(n=9, left_pad=3)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ref = model.generate(**kw)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(**kw), ref)
+
+
 def test_caller_cache_and_opt_out_respected():
     model = converted("gsa-kernel/exact")
     ids, mask = batch(n=9, left_pad=3)

@@ -306,7 +306,7 @@ class GSARecurrentCache(Cache):
         self.signatures: list[tuple[int, bool, str] | None] | None = None  # set by recurrent_cache
         keeps = [p.keep for p in plans]
         self._mask_keep: int | None = None if any(k is None for k in keeps) else max(k or 0 for k in keeps)
-        self._valid_ref: tuple[weakref.ref[Tensor] | None, int, Tensor | None] = (None, 0, None)
+        self._valid_ref: tuple[weakref.ref[Tensor] | None, Tensor | None] = (None, None)
 
     @property
     def plans(self) -> list[LayerPlan]:
@@ -334,14 +334,16 @@ class GSARecurrentCache(Cache):
         """``[B, n]``: which of the new tokens are real, from the model's 4-D mask (its last row)."""
         if mask is None:
             return torch.ones(batch, n, dtype=torch.bool, device=device)
-        ref, version, cached = self._valid_ref
-        if ref is not None and ref() is mask and version == mask._version and cached is not None:
+        # every layer of one forward gets the same mask tensor: read it once (by identity; no version counter,
+        # which tensors made under torch.inference_mode() do not have)
+        ref, cached = self._valid_ref
+        if ref is not None and ref() is mask and cached is not None:
             return cached
         if mask.dim() != 4:
             raise ValueError(f"expected the model's 4-D attention mask, got shape {tuple(mask.shape)}")
         allowed = allowed_from_hf(mask)
         valid = allowed[:, 0, -1, -n:].expand(batch, n).contiguous()
-        self._valid_ref = (weakref.ref(mask), mask._version, valid)
+        self._valid_ref = (weakref.ref(mask), valid)
         return valid
 
     def gsa_attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
