@@ -19,7 +19,6 @@ from gsa_core.calibration import gsa_input_scale
 from gsa_core.config import GSAConfig
 from gsa_core.masks import MaskSpec
 from gsa_core.numerics import NEG_INF, safe_softmax
-from gsa_plugins.backends.dense import pair_log_weights
 
 Mode = Literal["gsa", "exact", "hybrid"]
 #: ``teacher(q, k, v, mask, out)``: called in passthrough with the host's inputs and its exact output.
@@ -102,6 +101,28 @@ class MaskCache:
 
 
 # ----------------------------------------------------------------------------- hybrid
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def _shifted_features(logf: Tensor) -> tuple[Tensor, Tensor]:
+    """``l [..., n, K]`` -> ``(m [..., n, 1], exp(l - m))`` in float64, ``m`` the row max (0 for all-dead rows)."""
+    m = logf.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.double(), (logf - m).double().exp()
+
+
+def pair_log_weights_gemm(mq: Tensor, fq: Tensor, mk: Tensor, fk: Tensor) -> Tensor:
+    """``log w_ij = logsumexp_s(lq_is + lk_js)`` as one float64 GEMM: ``mq_i + mk_j + log(sum_s fq_is fk_js)``.
+
+    Why: the logsumexp form materialises ``[n_q, n_k, K]`` (and autograd keeps it), the GEMM only ``[n_q, n_k]``,
+    about 10x faster for training. Exact up to float64 rounding, except pairs whose weight is below
+    ``exp(-708)`` times their bound ``exp(mq_i + mk_j)``; those get a log-weight near ``mq_i + mk_j - 708``
+    (zero weight once exponentiated beside any real key) instead of underflowing to ``-inf``.
+    """
+    g = fq @ fk.transpose(-1, -2)
+    return mq + mk.transpose(-1, -2) + g.clamp_min(_TINY64).log()
+
+
 def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec, *, scaling: float, window: int,
     block_elements: int = 1 << 24,
@@ -113,7 +134,7 @@ def hybrid_attention(
     one softmax over all of them. Causal ``mask``: the window is the last ``window`` keys
     (``p_i - window < j <= p_i``). Bidirectional self-attention (``n_q == n_k``, not causal): the symmetric
     window ``|i - j| <= window`` (an encoder's local context is on both sides). Padding allowed.
-    Dense: ``O(n_q·n_k·K)``, in query blocks. Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
+    ``O(n_q·n_k·K)`` as GEMMs (:func:`pair_log_weights_gemm`), in query blocks. Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
     """
     if window < 0 or (mask.causal and window < 1):
         raise ValueError(f"hybrid window must be a positive number of keys, got {window!r}")
@@ -127,11 +148,11 @@ def hybrid_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = gsa_input_scale(scaling)
-    lq = bank.log_features(qf * scale if scale != 1.0 else qf)
-    lk = bank.log_features(kf * scale if scale != 1.0 else kf)
+    mq, fq = _shifted_features(bank.log_features(qf * scale if scale != 1.0 else qf))
+    mk, fk = _shifted_features(bank.log_features(kf * scale if scale != 1.0 else kf))
     q_pos = torch.arange(n_q, device=device) + mask.offset(n_q, n_k)
     k_pos = torch.arange(n_k, device=device)
-    per_row = max(1, n_k * bank.capacity * heads * batch)
+    per_row = max(1, n_k * heads * batch)
     block = max(1, min(n_q, block_elements // per_row))
     outs = []
     kt = kf.transpose(-1, -2)
@@ -140,7 +161,7 @@ def hybrid_attention(
         exact = torch.matmul(qf[..., sl, :], kt)
         if scaling != 1.0:
             exact = exact * scaling
-        logw = pair_log_weights(lq[..., sl, :], lk)
+        logw = pair_log_weights_gemm(mq[..., sl, :], fq[..., sl, :], mk, fk).to(dtype)
         if mask.causal:
             in_window = k_pos.unsqueeze(0) > (q_pos[sl].unsqueeze(1) - window)
         else:
