@@ -61,6 +61,8 @@ def test_caches_hold_what_they_should(quick_run: tuple[Path, dict]) -> None:
     assert report["summary"]["gsa_cache_constant"] is True
     assert cases[("gsa", 8)]["cache_kinds"] == ["state", "window"]
     assert cases[("softmax", 8)]["cache_kinds"] is None
+    assert cases[("gsa", 8)]["bias_buffer_bytes_held"] == 0
+    assert cases[("softmax", 8)]["bias_buffer_bytes_held"] == report["original_bias_buffer"]["bytes"]
 
 
 def test_summary_text_and_bad_model() -> None:

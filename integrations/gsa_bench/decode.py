@@ -5,9 +5,10 @@ of dim 48, layers alternating global/local with window 256, vocab 50257; positio
 the largest context): the original GPT-Neo (eager softmax attention, ``DynamicCache`` holding every
 key and value) and its GSA conversion (global layers GSA through the ``kernel`` backend, local layers
 exact; ``gsa_generate``'s recurrent cache: a kernel state per global layer, the last 255 keys per
-local layer). For each context: prefill that many random tokens (``logits_to_keep=1``; the softmax
-model in pieces of ``--prefill-chunk`` tokens, as one ``n x n`` score matrix per layer would not fit),
-then decode greedily one token at a time, timing every step. Each (model, context) case runs in a
+local layer). For each context: prefill that many random tokens (``logits_to_keep=1``), both models
+in pieces of ``--prefill-chunk`` tokens (the softmax model's ``n x n`` scores per layer, and the
+``n x n`` float mask GPT-Neo builds for any model, would not fit at 16k in one forward), then decode
+greedily one token at a time, timing every step. Each (model, context) case runs in a
 fresh process (``gsa_bench.timing.run_isolated``), so memory readings and timings are not shared.
 
 Writes ``decode.json`` (settings, environment, load average, per-step times, cache bytes, what the
@@ -104,7 +105,7 @@ def run_case(payload: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(settings["seed"] + context)
     ids = torch.randint(0, settings["shape"]["vocab_size"], (1, context), generator=gen)
     cache = DynamicCache(config=model.config) if kind == "softmax" else recurrent_cache(model)
-    chunk = settings["prefill_chunk"] if kind == "softmax" else context
+    chunk = settings["prefill_chunk"]
     track = bool(payload.get("track_memory", True))  # gc + malloc_trim: only meaningful in a fresh process
     if track:
         timing.release_free_memory()
@@ -133,6 +134,8 @@ def run_case(payload: dict[str, Any]) -> dict[str, Any]:
         "cache_kinds": [p.kind for p in cache.plans] if hasattr(cache, "plans") else None,
         "decode_peak_added_bytes": mem.peak_bytes if isinstance(mem, timing.PeakMemory) else None,
         "rss_before_prefill_bytes": rss_before,
+        "bias_buffer_bytes_held": sum(b.attn.attention.bias.numel() * b.attn.attention.bias.element_size()
+                                      for b in model.transformer.h),
         "rss_after_decode_bytes": timing.rss_bytes(), "seen_tokens": cache.get_seq_length(),
     }
 
@@ -327,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
     parser.add_argument("--splats", type=int, default=64, help="splats per head K of the GSA layers (default 64)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="tokens per prefill forward of the softmax model (default 512)")
+                        help="tokens per prefill forward, both models (default 512)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--case-timeout", type=float, default=1800.0, metavar="SECONDS",
