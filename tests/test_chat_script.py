@@ -162,3 +162,35 @@ def test_chat_on_a_converted_gsa_checkpoint(home: Path, model_dir: Path, tmp_pat
     with Store(home / "data" / "chat.sqlite3") as store:
         (session,) = store.sessions()
         assert [m.role for m in store.messages(session.id)] == ["user", "assistant"]
+
+
+def test_no_model_means_the_embedded_default(home: Path, model_dir: Path, monkeypatch, capsys) -> None:
+    import gsa_train.reference
+
+    calls: list[bool] = []
+    monkeypatch.setattr(gsa_train.reference, "default_chat_model", lambda progress=True: calls.append(progress)
+                        or model_dir)
+    script = home / "s.txt"
+    script.write_text("hello\n", encoding="utf-8")
+    assert main(["chat", "--script", str(script), "--set", "max_new_tokens=3"]) == 0
+    assert calls == [True] and f"gsa chat: {model_dir}" in capsys.readouterr().out
+
+
+def test_control_characters_in_model_text_are_not_sent_to_the_terminal(capsys) -> None:
+    out = Output()
+    out.text("a\x1b[2Jb\n")
+    out.note("assistant: c\x07d\te")
+    assert capsys.readouterr().out == "a\ufffd[2Jb\nassistant: c\ufffdd\te\n"
+
+
+@pytest.mark.slow  # trains the reference model for a few steps in a private GSA_HOME
+def test_gsa_chat_demo_on_the_trained_default(home: Path, capsys) -> None:
+    from gsa_train.reference import default_chat_model
+
+    default_chat_model(progress=False, steps=3)  # the cache the demo then finds
+    assert main(["chat", "--demo"]) == 0
+    out = capsys.readouterr().out
+    assert "> Return a new list\n" in out and "gsa logs show 1" in out
+    with Store(home / "data" / "chat.sqlite3") as store:
+        roles = [m.role for m in store.session("1").messages]
+    assert roles == ["user", "assistant", "user", "assistant"]

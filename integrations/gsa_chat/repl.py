@@ -52,6 +52,8 @@ class Output:
         self.stream.flush()
 
     def note(self, message: str, style: str = "dim") -> None:
+        """A line of our own; stored model text in it (``/history``) is made as harmless as streamed text."""
+        message = _CONTROL.sub("\ufffd", message)
         if self._console is not None:
             from rich.markup import escape
 
