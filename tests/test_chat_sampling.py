@@ -59,6 +59,12 @@ def test_text_forms_of_seed_and_stop() -> None:
     assert s.with_value("stop", "none").stop == []
 
 
+@given(st.text(alphabet=st.characters(blacklist_characters="\\[", blacklist_categories=("Cs",)), min_size=1)
+       .filter(lambda s: s.strip() and s.strip().lower() != "none"))
+def test_a_stop_string_without_escapes_is_taken_as_is(text: str) -> None:
+    assert SamplingSettings().with_value("stop", text).stop == [text.strip()]
+
+
 def test_generation_config_uses_transformers_knobs(chat_model) -> None:
     tok = chat_model.tokenizer
     config = SamplingSettings(temperature=0.7, top_k=0, top_p=0.9, min_p=0.05, stop=["###"]).generation_config(tok)

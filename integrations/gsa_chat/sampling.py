@@ -106,7 +106,9 @@ def _parse(name: str, text: str) -> Any:
                 return json.loads(text)
             except json.JSONDecodeError:
                 return text
-        return [bytes(text, "utf-8").decode("unicode_escape")]  # lets "\n" mean a newline
+        if "\\" in text:  # lets "\n" mean a newline; non-ASCII survives through backslashreplace
+            text = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        return [text]
     if name == "seed" and text.lower() in ("none", "random", ""):
         return None
     return text
