@@ -74,12 +74,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path, script: str, *args: str, nproc: int = 2, timeout: float = 120) -> None:
-    """Run ``script`` under ``torchrun`` with ``nproc`` CPU processes (gloo); fail with its output."""
+def torchrun(tmp_path, *args: str, nproc: int = 2, timeout: float = 120) -> None:
+    """Run ``torchrun ARGS`` (a script or ``-m module``, then its arguments) with ``nproc`` CPU processes."""
     exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     cmd = [exe, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           script, *args]
+           *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -300,6 +300,7 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
             controller.load_state_dict(state["controller"])
         start, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
         calibration = state.get("calibration")
+        torch.set_rng_state(state["rng"])  # the controller's statistics subsample tokens with the global generator
 
     show = (sys.stderr.isatty() if s.progress is None else s.progress) and dp.is_main
     end = min(s.steps, s.stop_after or s.steps)
@@ -340,7 +341,7 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
                     _atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "controller": None if controller is None else controller.state_dict(),
                                   "history": history, "evals": evals, "calibration": calibration,
-                                  "settings": s.model_dump(mode="json")}, ckpt_path)
+                                  "rng": torch.get_rng_state(), "settings": s.model_dump(mode="json")}, ckpt_path)
                 dp.barrier()
     train_seconds = time.perf_counter() - t_loop
     if end < s.steps:  # stopped early on purpose: leave the checkpoint, write nothing final

@@ -1,0 +1,70 @@
+"""The default model ``gsa chat`` talks to: trained here on first use, then cached.
+
+Why train instead of download: nothing may come from a model hub, and Python's own docstrings are on
+every machine. The ``tiny`` layout trains in about two minutes on a 2-core CPU and then writes
+English-like docstring prose. The cache folder name carries a version, so changing the recipe below
+(bump :data:`CHAT_MODEL_VERSION`) retrains instead of reusing a stale model. Training happens in a
+temporary folder that is renamed into place at the end, so an interrupted run never leaves a half cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CHAT_MODEL_VERSION = 1
+CHAT_MODEL_NAME = f"gpt-neo-tiny-stdlib-v{CHAT_MODEL_VERSION}"
+#: The recipe (``gsa_train.loop.TrainSettings`` fields, without ``out``).
+CHAT_SETTINGS: dict[str, Any] = {
+    "corpus": "stdlib", "layout": "tiny", "attention": "softmax", "steps": 900, "batch_size": 16,
+    "block_len": 128, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01, "log_every": 50, "seed": 0,
+}
+
+
+def chat_model_dir() -> Path:
+    """Where the default chat model lives (it may not exist yet)."""
+    from gsa_data.paths import cache_dir
+
+    return cache_dir() / "models" / CHAT_MODEL_NAME
+
+
+def is_cached(path: Path | None = None) -> bool:
+    path = chat_model_dir() if path is None else path
+    return all((path / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json",
+                                                   "train.json"))
+
+
+def default_chat_model(progress: bool = True, **overrides: Any) -> Path:
+    """The folder of the default chat model (``save_pretrained`` model + tokenizer), training it if missing.
+
+    ``overrides`` change the recipe (tests use a few steps); they are not part of the cache name, so
+    only pass them with a private ``GSA_HOME``.
+    """
+    from gsa_train.distributed import DataParallel
+    from gsa_train.loop import TrainSettings, train
+
+    final = chat_model_dir()
+    if is_cached(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{CHAT_MODEL_NAME}.", dir=final.parent))
+    try:
+        settings = TrainSettings.build(**{**CHAT_SETTINGS, **overrides, "out": work, "progress": progress})
+        train(settings, DataParallel())  # always one process, also when called under torchrun
+        if final.exists() and not is_cached(final):  # a leftover from an older, broken layout of the cache
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(work, final)
+        except OSError:  # another process finished first: keep its model
+            if not is_cached(final):
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+__all__ = ["CHAT_MODEL_NAME", "CHAT_MODEL_VERSION", "CHAT_SETTINGS", "chat_model_dir", "default_chat_model",
+           "is_cached"]
