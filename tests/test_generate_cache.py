@@ -124,6 +124,19 @@ def test_caller_cache_and_opt_out_respected():
     assert model.generate(**kw, cache=mine).cache is mine and mine.get_seq_length() == 9 + 4
 
 
+def test_loaded_checkpoint_generates_with_the_cache(tmp_path):
+    from gsa_plugins.adapters import load_converted
+
+    model = converted("gsa-kernel/exact")
+    model.save_pretrained(tmp_path)
+    loaded = load_converted(tmp_path).eval()
+    ids, mask = batch(n=9, left_pad=3)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+              return_dict_in_generate=True)
+    out = loaded.generate(**kw)
+    assert isinstance(out.cache, GSARecurrentCache) and torch.equal(out.sequences, model.generate(**kw).sequences)
+
+
 def test_beam_search_and_sampling_run():
     """Beam search reorders the cache (same beams as with DynamicCache); sampling with several sequences."""
     model = converted("hybrid/hybrid")
