@@ -88,3 +88,17 @@ def test_bert_hybrid_small_window_differs_and_uses_gsa() -> None:
     hybrid = logits(convert(tiny_bert(), gsa_config("bert", self_attention="hybrid", hybrid_window=1)), ids, mask)
     gsa = logits(convert(tiny_bert(), gsa_config("bert")), ids, mask)
     assert not torch.equal(hybrid, original) and not torch.equal(hybrid, gsa)
+
+
+def test_the_adaptation_controller_observes_hybrid_layers() -> None:
+    from gsa_core.adaptation import AdaptationController
+
+    cfg = __import__("gsa_core").GSAConfig.from_dict({"bank": {"n_splats": 4}, "adaptation": {"enabled": True}})
+    layer = GSALayer(2, 4, cfg, mode="hybrid", causal=False, hybrid_window=1, scaling=0.25)
+    controller = AdaptationController(layer, cfg)
+    layer.train()
+    q = torch.randn(1, 2, 5, 4)
+    out = layer.attend(q, q, q, MaskSpec())
+    (observed,) = controller.banks[0].stats.pending
+    torch.testing.assert_close(observed.q, q * 0.5)  # GSA space: q * sqrt(scaling)
+    torch.testing.assert_close(out, hybrid_attention(q, q, q, layer.bank, MaskSpec(), scaling=0.25, window=1))

@@ -134,7 +134,8 @@ def hybrid_attention(
     one softmax over all of them. Causal ``mask``: the window is the last ``window`` keys
     (``p_i - window < j <= p_i``). Bidirectional self-attention (``n_q == n_k``, not causal): the symmetric
     window ``|i - j| <= window`` (an encoder's local context is on both sides). Padding allowed.
-    ``O(n_q·n_k·K)`` as GEMMs (:func:`pair_log_weights_gemm`), in query blocks. Returns ``[B, H, n_q, d_v]`` in ``v``'s dtype.
+    ``O(n_q·n_k·K)`` as GEMMs (:func:`pair_log_weights_gemm`), in query blocks. Returns ``[B, H, n_q, d_v]``
+    in ``v``'s dtype.
     """
     if window < 0 or (mask.causal and window < 1):
         raise ValueError(f"hybrid window must be a positive number of keys, got {window!r}")
@@ -234,15 +235,22 @@ class GSALayer(GSAAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
         """``q [B, H, n_q, d]``, ``k, v [B, H, n_k, ·]`` in the host's space -> ``[B, H, n_q, d_v]``."""
-        if self.mode == "hybrid":
-            assert self.hybrid_window is not None
-            return hybrid_attention(q, k, v, self.bank, mask, scaling=self.scaling, window=self.hybrid_window)
-        if self.window is not None:
+        if self.window is not None and self.mode != "hybrid":
             mask = dataclasses.replace(mask, causal=True, window=self.window)
         scale = gsa_input_scale(self.scaling)
         if scale != 1.0:
             q, k = q * scale, k * scale
         return self(q, k, v, mask)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None) -> Tensor:
+        """GSA-space ``q, k`` (their plain dot product is the host's logit). Hybrid mode runs here too, so
+        forward hooks (the adaptation controller's statistics) see hybrid layers like the others."""
+        if self.mode != "hybrid":
+            return super().forward(q, k, v, mask)
+        assert self.hybrid_window is not None
+        self._check_inputs(q, k, v)
+        return hybrid_attention(q, k, v, self.bank, mask if mask is not None else MaskSpec(causal=self.causal),
+                                scaling=1.0, window=self.hybrid_window)
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}" if self.window is not None else ""
