@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pexpect
 import pytest
 from _chat_models import build_chat_model
 from gsa_chat.store import Store
+from gsa_cli.main import main
 
 GSA = str(Path(sys.executable).parent / "gsa")
 PROMPT = "\r\n> "
@@ -58,7 +58,8 @@ def db(home: Path) -> Store:
     return Store(home / "data" / "chat.sqlite3")
 
 
-def test_transcript_commands_and_database(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_transcript_commands_and_database(tmp_path: Path, models: dict[str, Path], capsys,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     child = spawn(tmp_path, str(models["small"]), "--set", "max_new_tokens=8", "--set", "seed=0")
     first = reply_text(say(child, "Once upon a time"))
     assert first
@@ -105,9 +106,9 @@ def test_transcript_commands_and_database(tmp_path: Path, models: dict[str, Path
         ("user", "block a", "done"), ("assistant", fourth, "done"),
     ]
 
-    listed = subprocess.run([GSA, "logs", "--json"], env=env(tmp_path), capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0, listed.stderr
-    data = json.loads(listed.stdout)
+    monkeypatch.setenv("GSA_HOME", str(tmp_path))  # gsa logs in-process: a second program start costs seconds
+    assert main(["logs", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert [(s["id"], s["name"], s["messages"]) for s in data["sessions"]] == [(1, "story", 7)]
 
 
@@ -179,8 +180,6 @@ def test_ctrl_c_keeps_the_partial_reply_and_a_crash_loses_nothing_earlier(tmp_pa
 
 def test_bad_model_and_bad_template_exit_with_one_message(tmp_path: Path, models: dict[str, Path], capsys,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from gsa_cli.main import main
-
     monkeypatch.setenv("GSA_HOME", str(tmp_path))
     assert main(["chat", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
