@@ -194,3 +194,15 @@ def test_gsa_chat_demo_on_the_trained_default(home: Path, capsys) -> None:
     with Store(home / "data" / "chat.sqlite3") as store:
         roles = [m.role for m in store.session("1").messages]
     assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_resume_falls_back_with_a_note_when_the_saved_session_does_not_fit(home: Path, model_dir: Path) -> None:
+    store = Store(home / "c.sqlite3")
+    saved = store.create_session(model="elsewhere", template="chat-template", settings={"temperature": 99})
+    chat, notes = ChatSession.resume(store, load_chat_model(model_dir), saved.id, {"top_k": "3"})
+    assert chat.template.name == "plain" and chat.settings.temperature == SamplingSettings().temperature
+    assert chat.settings.top_k == 3 and store.session(saved.id).settings["top_k"] == 3
+    assert any("needs a tokenizer with a chat template" in n for n in notes)
+    assert "the saved sampling settings were invalid; using the defaults" in notes
+    assert any("recorded with elsewhere" in n for n in notes)
+    store.close()

@@ -50,8 +50,9 @@ class ChatSession:
                overrides: dict[str, str] | None = None) -> tuple[ChatSession, list[str]]:
         """An existing session (id or name) with its template and settings; returns notes for the user."""
         session = store.session(key, with_messages=False)
-        chat, notes = cls(store, chat_model, session, resolve_template("auto", chat_model.tokenizer,
-                                                                       chat_model.name), SamplingSettings()), []
+        chat = cls(store, chat_model, session, resolve_template("auto", chat_model.tokenizer, chat_model.name),
+                   SamplingSettings())
+        notes: list[str] = []
         chat._adopt(session, notes)
         for name, value in (overrides or {}).items():
             chat.set(name, value)
