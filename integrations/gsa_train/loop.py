@@ -276,6 +276,8 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
         raise ConfigError(f"block_len {s.block_len} exceeds layout {s.layout!r}'s {lay.max_position_embeddings} "
                           "positions")
     s.out.mkdir(parents=True, exist_ok=True)
+    if not s.resume and ckpt_path.exists() and dp.is_main:  # a fresh run never leaves an older run's checkpoint
+        ckpt_path.unlink()
     texts = load_texts(s.corpus, heldout_fraction=s.heldout_fraction)
     tokenizer = _tokenizer(s, texts.train, dp)
     blocks = encode_blocks(tokenizer, texts.train, s.block_len)
