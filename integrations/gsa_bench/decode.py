@@ -117,19 +117,21 @@ def run_case(payload: dict[str, Any]) -> dict[str, Any]:
         prefill_s = time.perf_counter() - start
         after_prefill = cache_bytes(cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
+        times, cpu_times = [], []
         mem = timing.PeakMemory() if track else contextlib.nullcontext()
         with mem:
             for step in range(settings["warmup"] + settings["steps"]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = model(input_ids=token, cache=cache, use_cache=True)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 if step >= settings["warmup"]:
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
     median = statistics.median(times)
     return {
         "status": "ok", "model": kind, "context": context, "prefill_s": prefill_s, "prefill_chunk": chunk,
         "step_times_s": times, "median_step_s": median, "tokens_per_s": 1.0 / median,
+        "step_cpu_times_s": cpu_times, "median_step_cpu_s": statistics.median(cpu_times),
         "cache_bytes_after_prefill": after_prefill, "cache_bytes_after_decode": cache_bytes(cache),
         "cache_kinds": [p.kind for p in cache.plans] if hasattr(cache, "plans") else None,
         "decode_peak_added_bytes": mem.peak_bytes if isinstance(mem, timing.PeakMemory) else None,
@@ -227,6 +229,8 @@ def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str
             "timing": f"per decode step: wall time of one model forward on one token (time.perf_counter) plus "
                       f"the argmax; {settings['warmup']} untimed steps after the prefill, then "
                       f"{settings['steps']} timed; median reported; tokens/s = 1 / median",
+            "cpu_time": "step_cpu_times_s: process CPU time (all threads) of the same steps; less sensitive than "
+                        "wall time to other processes on the machine (but it counts threads' spin-waiting)",
             "cache_bytes": "sum of numel * element_size over the tensors the cache holds after decoding",
             "decode_peak_added_bytes": timing.PEAK_MEMORY_METHOD + " (over the decode loop)",
             "isolation": "each (model, context) case in a fresh process" if isolate else "in-process (smoke run)",
