@@ -154,3 +154,21 @@ def test_lora_stage2_trains_only_lora_and_splats_and_reloads(src: Path, tmp_path
 def test_task_loss_must_fit_the_model(src: Path) -> None:
     with pytest.raises(ValueError, match="needs a causal LM"):
         distill(settings(src, stage1_steps=1, stage2="full", stage2_steps=1, task_loss="next-token"), **QUIET)
+
+
+@pytest.mark.parametrize("task_loss", ["logit-kl", "next-token"])
+def test_causal_lm_stage2_losses(src: Path, task_loss: str) -> None:
+    from _adapter_models import tiny_gpt_neo
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)  # any tokenizer whose ids fit the tiny vocabulary
+    model = tiny_gpt_neo()
+    run = distill(settings(src, stage1_steps=3, stage2="full", stage2_steps=3, stage2_lr=1e-3, task_loss=task_loss,
+                           gsa={"bank": {"n_splats": 4}, "backend": "auto",
+                                "adapter": {"name": "gpt-neo", "params": {"global_layers": "gsa"}}}),
+                  model=model, tokenizer=tokenizer, **QUIET)
+    s2 = run.report["stage2"]
+    assert s2["task_loss"] == task_loss and len(s2["history"]) == 2
+    losses = [h["loss"] for h in s2["history"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and (task_loss == "next-token" or losses[0] >= 0.0)
+    assert "embedding" not in run.report  # encoders only
