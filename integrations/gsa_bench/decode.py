@@ -310,7 +310,8 @@ def summary_text(report: dict[str, Any]) -> str:
     if "gsa_step_spread" in summ:
         lines.append(f"GSA time per token spread across contexts: {100 * summ['gsa_step_spread']:.1f}% "
                      f"(target <= {100 * TARGETS['gsa_flat_within']:.0f}%: "
-                     f"{'met' if summ['gsa_flat_target_met'] else 'not met'}); "
+                     f"{'met' if summ['gsa_flat_target_met'] else 'not met'}; fastest-step spread "
+                     f"{100 * summ['gsa_min_step_spread']:.1f}%); "
                      f"GSA cache constant: {summ['gsa_cache_constant']}")
     if "speedup_at_largest" in summ:
         sp = summ["speedup_at_largest"]
