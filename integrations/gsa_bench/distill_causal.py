@@ -30,21 +30,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gsa bench distill_causal``."""
     parser.add_argument("--layout", default="reference", help="gsa_train layout (default reference)")
     parser.add_argument("--corpus", default="stdlib", help="stdlib, or a folder of .txt files")
-    parser.add_argument("--steps", type=int, default=250, help="training steps of each model trained (softmax, GSA)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each model trained (softmax, GSA)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--splats", type=int, default=16, help="splats per head (K)")
+    parser.add_argument("--splats", type=int, default=64, help="splats per head (K)")
     parser.add_argument("--backend", default="kernel", help="GSA backend of the converted global layers")
-    parser.add_argument("--stage1-steps", type=int, default=60)
+    parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage1-lr", type=float, default=3e-2)
     parser.add_argument("--stage2", default="full", choices=["none", "lora", "full"])
-    parser.add_argument("--stage2-steps", type=int, default=60)
-    parser.add_argument("--stage2-lr", type=float, default=3e-4)
+    parser.add_argument("--stage2-steps", type=int, default=150)
+    parser.add_argument("--stage2-lr", type=float, default=1e-3)
     parser.add_argument("--calib-tokens", type=int, default=8000)
-    parser.add_argument("--eval-blocks", type=int, default=256, help="held-out rows of --block-len tokens")
+    parser.add_argument("--eval-blocks", type=int, default=128, help="held-out rows of --block-len tokens")
     parser.add_argument("--no-scratch", action="store_true", help="skip training GSA from scratch")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a softmax model saved by gsa train (its train.json is read) instead of training one")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine more threads ran slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/distill_causal"), help="folder for the models")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -100,9 +103,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     common = {"corpus": args.corpus, "layout": args.layout, "steps": args.steps, "batch_size": args.batch_size,
               "block_len": args.block_len, "lr": args.lr, "seed": args.seed, "eval_blocks": args.eval_blocks,
               "progress": args.progress, "log_every": 25}
-    with clock("train_softmax"):
-        soft = train({**common, "attention": "softmax", "out": args.work / "softmax"}, dp).metrics
-    teacher_dir = args.work / "softmax"
+    if args.teacher is None:
+        with clock("train_softmax"):
+            soft = train({**common, "attention": "softmax", "out": args.work / "softmax"}, dp).metrics
+        teacher_dir = args.work / "softmax"
+    else:  # the teacher's own recipe decides the data, layout and budget of the comparison
+        teacher_dir = args.teacher
+        soft = json.loads((teacher_dir / "train.json").read_text())
+        for key in ("corpus", "layout", "steps", "batch_size", "block_len", "lr", "seed"):
+            common[key] = soft["settings"][key]
+        args.corpus, args.block_len, args.batch_size = common["corpus"], common["block_len"], common["batch_size"]
+        args.layout, args.steps = common["layout"], common["steps"]
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     texts = load_texts(args.corpus)
     heldout = encode_blocks(tokenizer, texts.heldout, args.block_len)[: args.eval_blocks]
@@ -110,7 +121,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     def ppl(model: Any) -> float:
         return evaluate(model, heldout, args.batch_size, dp)["ppl"]
 
-    results: dict[str, Any] = {"softmax_ppl": soft["final"]["heldout_ppl"]}
+    # the reference perplexity on exactly the rows every other model is evaluated on
+    results: dict[str, Any] = {"softmax_ppl": ppl(load_trained(teacher_dir))}
     with clock("distill"):
         settings = DistillSettings.build(
             source=str(teacher_dir), gsa=_gsa_config(args), corpus=args.corpus, max_length=args.block_len,
@@ -138,7 +150,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results["ratio"] = final / results["softmax_ppl"]
     results["ratio_by_stage"] = {k: v / results["softmax_ppl"] for k, v in results["converted_ppl"].items()}
     results["target_met"] = results["ratio"] <= TARGET_RATIO
-    results["distill_report"] = {k: runner.report.get(k) for k in ("calibration", "stage1", "stage2", "timings")}
+    results["distill_report"] = {k: runner.report.get(k) for k in ("calibration", "stage1", "stage2")}
+    results["distill_report"]["timings"] = {k: round(v, 2) for k, v in runner.timings.items()}
     if not args.no_scratch:
         with clock("train_gsa_scratch"):
             scratch_gsa = {**DEFAULT_GSA, "bank": {"n_splats": args.splats}, "backend": args.backend}
