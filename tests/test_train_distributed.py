@@ -84,6 +84,7 @@ def torchrun(tmp_path, *args: str, nproc: int = 2, timeout: float = 120) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # torchrun start-up; tests/test_train_cli.py checks the same agreement on a model by default
 def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -65,33 +65,19 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, corpus):
                            c["transformer.h.0.attn.attention.q_proj.weight"])
 
 
-NO_REFINES = {**GSA_ADAPTIVE, "adaptation": {**GSA_ADAPTIVE["adaptation"], "enabled": False}}
-
-
 @pytest.mark.parametrize("attention", ["softmax", "gsa"])
 def test_resume_gives_the_uninterrupted_weights(tmp_path, corpus, attention):
-    extra = {"attention": attention, "gsa": NO_REFINES} if attention == "gsa" else {}
+    extra = {"attention": attention, "gsa": GSA_ADAPTIVE} if attention == "gsa" else {}  # slot births/deaths too
     run(tmp_path, corpus, "full", steps=8, **extra)
     stopped = run(tmp_path, corpus, "parts", steps=8, checkpoint_every=4, stop_after=4, **extra)
     assert stopped.metrics == {"stopped_at": 4} and not (tmp_path / "parts" / "train.json").exists()
     resumed = run(tmp_path, corpus, "parts", steps=8, checkpoint_every=4, resume=True, **extra)
     assert resumed.metrics["resumed_from"] == 4
     same(weights(tmp_path / "full"), weights(tmp_path / "parts"))
+    if attention == "gsa":
+        assert resumed.metrics["adaptation"]["refines"]["refines"] == 3
     with pytest.raises(ConfigError, match=r"settings differ.*seed"):
         run(tmp_path, corpus, "parts", steps=8, resume=True, seed=3, **extra)
-
-
-def test_resume_with_refines_takes_the_same_decisions(tmp_path, corpus):
-    """Known gap: with slot births/deaths across the resume point the weights agree only approximately
-    (the controller's checkpoint state does not reproduce every input of its decisions bit for bit)."""
-    extra = {"attention": "gsa", "gsa": GSA_ADAPTIVE}
-    full = run(tmp_path, corpus, "full", steps=8, **extra)
-    run(tmp_path, corpus, "parts", steps=8, checkpoint_every=4, stop_after=4, **extra)
-    resumed = run(tmp_path, corpus, "parts", steps=8, checkpoint_every=4, resume=True, **extra)
-    assert resumed.metrics["adaptation"]["refines"] == full.metrics["adaptation"]["refines"]
-    losses = [[h["loss"] for h in r.metrics["history"]] for r in (full, resumed)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
-    same(weights(tmp_path / "full"), weights(tmp_path / "parts"), atol=2e-2)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, corpus):

@@ -291,23 +291,24 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
     dp.broadcast_parameters(model)
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.95))
-    controller = None
-    if cfg is not None and cfg.adaptation.enabled:
-        from gsa_core.adaptation.controller import AdaptationController
-
-        controller = AdaptationController(model, cfg, optimizer)
-
-    start, history, evals = 0, [], []
+    start, history, evals, state = 0, [], [], None
     if s.resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _check_resume(s, state["settings"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if controller is not None and state.get("controller") is not None:
-            controller.load_state_dict(state["controller"])
         start, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
         calibration = state.get("calibration")
         torch.set_rng_state(state["rng"])  # the controller's statistics subsample tokens with the global generator
+    controller = None
+    if cfg is not None and cfg.adaptation.enabled:
+        from gsa_core.adaptation.controller import AdaptationController
+
+        # created after the optimizer's state is loaded: load_state_dict replaces the param-group dicts, and
+        # the controller's per-slot Adam correction keeps references to the groups it was given
+        controller = AdaptationController(model, cfg, optimizer)
+        if state is not None and state.get("controller") is not None:
+            controller.load_state_dict(state["controller"])
 
     show = (sys.stderr.isatty() if s.progress is None else s.progress) and dp.is_main
     end = min(s.steps, s.stop_after or s.steps)
