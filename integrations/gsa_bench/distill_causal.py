@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-tokens", type=int, default=8000)
     parser.add_argument("--eval-blocks", type=int, default=128, help="held-out rows of --block-len tokens")
     parser.add_argument("--no-scratch", action="store_true", help="skip training GSA from scratch")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="also distil with the global layers hybrid (exact over the last window_size keys)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a softmax model saved by gsa train (its train.json is read) instead of training one")
     parser.add_argument("--threads", type=int, default=1,
@@ -57,9 +59,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run)
 
 
-def _gsa_config(args: argparse.Namespace) -> dict[str, Any]:
+def _gsa_config(args: argparse.Namespace, global_mode: str = "gsa") -> dict[str, Any]:
+    """Global layers ``gsa`` (or ``hybrid``: exact over the last ``window_size`` keys, GSA beyond); local exact."""
     return {"seed": args.seed, "bank": {"n_splats": args.splats}, "backend": args.backend,
-            "adapter": {"name": "gpt-neo", "params": {"global_layers": "gsa", "local_layers": "exact"}}}
+            "adapter": {"name": "gpt-neo", "params": {"global_layers": global_mode, "local_layers": "exact"}}}
+
+
+def _distil(args: argparse.Namespace, gsa: dict[str, Any], teacher_dir: Path, tokenizer: Any,
+            ppl: Any) -> dict[str, Any]:
+    """Convert the teacher with ``gsa``, calibrate and distil it with ``gsa_distill``; perplexity after each stage."""
+    import torch
+    from gsa_distill import Distiller, DistillSettings
+    from gsa_train.loop import load_trained
+
+    from gsa_plugins.adapters import set_passthrough
+
+    settings = DistillSettings.build(
+        source=str(teacher_dir), gsa=gsa, corpus=args.corpus, max_length=args.block_len,
+        batch_size=args.batch_size, calib_tokens=args.calib_tokens, stage1_steps=args.stage1_steps,
+        stage1_lr=args.stage1_lr, stage2=args.stage2, stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
+        task_loss="logit-kl", seed=args.seed, progress=args.progress, eval_batches=0)
+    runner = Distiller(settings, model=load_trained(teacher_dir), tokenizer=tokenizer, log=lambda msg: None)
+    torch.manual_seed(args.seed)
+    out: dict[str, Any] = {"gsa_config": gsa}
+    try:
+        runner.convert()
+        runner.data()
+        set_passthrough(runner.model, True)
+        out["passthrough_ppl"] = ppl(runner.model)  # GSA off: must equal the original
+        runner.calibrate()
+        set_passthrough(runner.model, False)
+        out["converted_ppl"] = {"calibrated": ppl(runner.model)}
+        runner.stage1(None)
+        set_passthrough(runner.model, False)
+        out["converted_ppl"]["stage1"] = ppl(runner.model)
+        if args.stage2 != "none":
+            runner.stage2(None)
+            set_passthrough(runner.model, False)
+            out["converted_ppl"]["stage2"] = ppl(runner.model)
+    finally:
+        runner.dp.close()
+    out["distill_report"] = {k: runner.report.get(k) for k in ("calibration", "stage1", "stage2")}
+    out["distill_report"]["timings"] = {k: round(v, 2) for k, v in runner.timings.items()}
+    return out
 
 
 class _Clock:
@@ -86,14 +128,12 @@ class _Clock:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from gsa_distill import Distiller, DistillSettings
     from gsa_train.data import encode_blocks, load_texts
     from gsa_train.distributed import DataParallel
     from gsa_train.loop import DEFAULT_GSA, evaluate, load_trained, train
     from transformers import AutoTokenizer
 
     from gsa_bench.timing import environment, load_average, utc_now
-    from gsa_plugins.adapters import set_passthrough
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,34 +164,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # the reference perplexity on exactly the rows every other model is evaluated on
     results: dict[str, Any] = {"softmax_ppl": ppl(load_trained(teacher_dir))}
     with clock("distill"):
-        settings = DistillSettings.build(
-            source=str(teacher_dir), gsa=_gsa_config(args), corpus=args.corpus, max_length=args.block_len,
-            batch_size=args.batch_size, calib_tokens=args.calib_tokens, stage1_steps=args.stage1_steps,
-            stage1_lr=args.stage1_lr, stage2=args.stage2, stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
-            task_loss="logit-kl", seed=args.seed, progress=args.progress, eval_batches=0)
-        runner = Distiller(settings, model=load_trained(teacher_dir), tokenizer=tokenizer, log=lambda msg: None)
-        torch.manual_seed(args.seed)
-        runner.convert()
-        runner.data()
-        set_passthrough(runner.model, True)
-        results["passthrough_ppl"] = ppl(runner.model)  # GSA off: must equal the original
-        runner.calibrate()
-        set_passthrough(runner.model, False)
-        results["converted_ppl"] = {"calibrated": ppl(runner.model)}
-        runner.stage1(None)
-        set_passthrough(runner.model, False)
-        results["converted_ppl"]["stage1"] = ppl(runner.model)
-        if args.stage2 != "none":
-            runner.stage2(None)
-            set_passthrough(runner.model, False)
-            results["converted_ppl"]["stage2"] = ppl(runner.model)
-        runner.dp.close()
-    final = list(results["converted_ppl"].values())[-1]
-    results["ratio"] = final / results["softmax_ppl"]
+        results.update(_distil(args, _gsa_config(args), teacher_dir, tokenizer, ppl))
+    results["ratio"] = list(results["converted_ppl"].values())[-1] / results["softmax_ppl"]
     results["ratio_by_stage"] = {k: v / results["softmax_ppl"] for k, v in results["converted_ppl"].items()}
     results["target_met"] = results["ratio"] <= TARGET_RATIO
-    results["distill_report"] = {k: runner.report.get(k) for k in ("calibration", "stage1", "stage2")}
-    results["distill_report"]["timings"] = {k: round(v, 2) for k, v in runner.timings.items()}
+    if args.hybrid:
+        with clock("distill_hybrid"):
+            hybrid = _distil(args, _gsa_config(args, "hybrid"), teacher_dir, tokenizer, ppl)
+        hybrid["ratio"] = list(hybrid["converted_ppl"].values())[-1] / results["softmax_ppl"]
+        results["hybrid"] = hybrid
     if not args.no_scratch:
         with clock("train_gsa_scratch"):
             scratch_gsa = {**DEFAULT_GSA, "bank": {"n_splats": args.splats}, "backend": args.backend}
@@ -180,6 +201,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     labels = {"calibrated": "converted + calibrated, no training", "stage1": "converted + stage 1 (layer-wise)",
               "stage2": f"converted + stage 2 ({st['stage2']}, logit KL)"}
     rows += [(labels[k], v, v / base) for k, v in r["converted_ppl"].items()]
+    if "hybrid" in r:
+        h = r["hybrid"]
+        rows.append((f"hybrid global layers (exact last {report['layout']['window_size']} keys), stage "
+                     f"{list(h['converted_ppl'])[-1]}", list(h["converted_ppl"].values())[-1], h["ratio"]))
     if "scratch_gsa_ppl" in r:
         rows.append(("GSA trained from scratch, same budget", r["scratch_gsa_ppl"], r["scratch_ratio"]))
     lines = ["| model | held-out perplexity | ratio to softmax |", "|---|---:|---:|"]
