@@ -15,7 +15,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,31 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
+class _LazyBatches:
+    """Token batches of a long text list, tokenised on first use (a run reads only the batches its steps need)."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> None:
+        self.tokenizer, self.texts, self.batch_size, self.max_length = tokenizer, texts, batch_size, max_length
+        self._cache: dict[int, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index not in self._cache:
+            from gsa_calibrate.collect import token_batches
+
+            rows = self.texts[index * self.batch_size:(index + 1) * self.batch_size]
+            self._cache[index] = token_batches(self.tokenizer, rows, batch_size=self.batch_size,
+                                               max_length=self.max_length)[0]
+        return self._cache[index]
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return (self[i] for i in range(len(self)))
+
+
 def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -185,6 +210,9 @@ class Distiller:
         from gsa_plugins.adapters import convert, gsa_layers, is_converted
 
         torch.manual_seed(self.s.seed)
+        if is_converted(self.model) and self.s.window is not None:
+            raise ValueError("settings.window applies at conversion, but the model given is already converted: pass "
+                             "the original model, or set its layers to 'hybrid' when converting")
         if not is_converted(self.model):
             cfg = self.s.gsa_config().model_copy(update={"seed": self.s.seed})
             if self.s.window is not None:
@@ -200,11 +228,12 @@ class Distiller:
         from gsa_calibrate.collect import token_batches
 
         train, held = training_texts(self.s)
-        kw = {"batch_size": self.s.batch_size, "max_length": self.s.max_length}
-        self.train_batches = token_batches(self.tokenizer, train, **kw)
-        if not self.train_batches:
+        if not train:
             raise ValueError("no training text")
-        self.eval_batches = token_batches(self.tokenizer, held, **kw)[:self.s.eval_batches]
+        self.train_batches = _LazyBatches(self.tokenizer, train, self.s.batch_size, self.s.max_length)
+        n_eval = self.s.eval_batches * self.s.batch_size
+        self.eval_batches = token_batches(self.tokenizer, held[:n_eval], batch_size=self.s.batch_size,
+                                          max_length=self.s.max_length)
         self.report["data"] = {"train_passages": len(train), "heldout_passages": len(held),
                                "train_batches": len(self.train_batches), "eval_batches": len(self.eval_batches)}
 
