@@ -67,6 +67,6 @@ def test_caches_hold_what_they_should(quick_run: tuple[Path, dict]) -> None:
 
 def test_summary_text_and_bad_model() -> None:
     report = {"settings": {"contexts": [8]}, "cases": [], "summary": {}}
-    assert "| 8 | - | - | - | - | - |" in decode.summary_text(report)
+    assert "| 8 | - | - | - | - | - | - | - |" in decode.summary_text(report)
     with pytest.raises(ValueError, match="valid models: softmax, gsa"):
         decode.build_model("linear", {})

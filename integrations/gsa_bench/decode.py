@@ -281,7 +281,8 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_xlabel("context (tokens before decoding)")
         ax.legend()
     axes[0].set_ylabel("median decode time per token (ms)")
-    axes[0].set_title(f"decode, batch 1, {report['settings']['threads']} threads")
+    axes[0].set_title(f"decode, batch 1, torch threads={report['settings']['threads']}, "
+                      f"load {report['loadavg_1m']['start']:.1f}-{report['loadavg_1m']['end']:.1f}")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("cache size (MiB)")
     axes[1].set_title("cache memory")
@@ -292,8 +293,8 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    lines = ["| context | softmax ms/token | GSA ms/token | speedup | softmax cache MiB | GSA cache MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| context | softmax ms/token | GSA ms/token | speedup | softmax CPU ms/token | GSA CPU ms/token | "
+             "softmax cache MiB | GSA cache MiB |", "|---|---|---|---|---|---|---|---|"]
     ok = {(c["model"], c["context"]): c for c in report["cases"] if c.get("status") == "ok"}
     for n in report["settings"]["contexts"]:
         s, g = ok.get(("softmax", n)), ok.get(("gsa", n))
@@ -301,11 +302,14 @@ def summary_text(report: dict[str, Any]) -> str:
         def ms(c: dict[str, Any] | None) -> str:
             return "-" if c is None else f"{1000 * c['median_step_s']:.2f}"
 
+        def cpu(c: dict[str, Any] | None) -> str:
+            return "-" if c is None else f"{1000 * c['median_step_cpu_s']:.2f}"
+
         def mib(c: dict[str, Any] | None) -> str:
             return "-" if c is None else f"{c['cache_bytes_after_decode'] / 2**20:.2f}"
 
         speed = f"{g['tokens_per_s'] / s['tokens_per_s']:.1f}x" if s and g else "-"
-        lines.append(f"| {n} | {ms(s)} | {ms(g)} | {speed} | {mib(s)} | {mib(g)} |")
+        lines.append(f"| {n} | {ms(s)} | {ms(g)} | {speed} | {cpu(s)} | {cpu(g)} | {mib(s)} | {mib(g)} |")
     summ = report["summary"]
     if "gsa_step_spread" in summ:
         lines.append(f"GSA time per token spread across contexts: {100 * summ['gsa_step_spread']:.1f}% "
