@@ -154,3 +154,26 @@ def test_controller_zeroes_sources_and_targets_and_bounds_the_first_step():
         moved = (p.detach() - snap[n])[written & layer.bank.alive]
         assert moved.abs().max() <= LR * (1 + 1e-5), (n, moved.abs().max())
     ctl.remove_hooks()
+
+
+def test_correction_follows_the_optimizer_after_load_state_dict():
+    """Resume reloads the optimizer state (new param-group dicts): the reborn slot still follows a fresh
+    Adam at the *reloaded* learning rate."""
+    bank = SplatBank(1, 3, 4, "diagonal")
+    opt = torch.optim.Adam(bank.parameters(), lr=LR)
+    slot_steps = AdamSlotSteps(opt, [bank])
+    _train(bank, opt, 25, jump_to=3000)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = LR / 4
+    opt.load_state_dict(saved)
+    written = torch.zeros(1, 4, dtype=torch.bool)
+    written[0, 3] = True
+    _rebirth(bank, opt, slot_steps, written)
+    fresh = torch.nn.Parameter(bank.centers.detach()[0, 3].clone())
+    ref = torch.optim.Adam([fresh], lr=LR / 4)
+    for step in range(25, 33):
+        _grads(bank, step)
+        fresh.grad = bank.centers.grad[0, 3].clone()
+        opt.step()
+        ref.step()
+        assert torch.allclose(bank.centers.detach()[0, 3], fresh.detach(), atol=1e-6, rtol=1e-5), step

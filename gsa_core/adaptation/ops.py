@@ -156,10 +156,9 @@ class AdamSlotSteps:
         self._born: dict[int, Tensor] = {}  # id(param) -> [H, K] float64: the param's step at the slot's write
         self._young: dict[int, Tensor] = {}  # id(param) -> [H, K] bool
         self._before: dict[int, Tensor] = {}
-        self._params: dict[int, tuple[Tensor, dict[str, Any]]] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                self._params[id(p)] = (p, group)
+        # Parameters only: the group (lr, betas) is looked up at each step, because
+        # ``optimizer.load_state_dict`` (resume) replaces the group dicts.
+        self._params: dict[int, Tensor] = {id(p): p for group in optimizer.param_groups for p in group["params"]}
         self._handles = []
         if self.enabled:
             self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
@@ -172,6 +171,9 @@ class AdamSlotSteps:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
 
     def _step_of(self, p: Tensor) -> float:
         state = self.optimizer.state.get(p)
@@ -218,13 +220,13 @@ class AdamSlotSteps:
         self._before.clear()
         for key, young in self._young.items():
             if bool(young.any()):
-                p, _ = self._params[key]
-                self._before[key] = p.detach().clone()
+                self._before[key] = self._params[key].detach().clone()
 
     @torch.no_grad()
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for key, before in self._before.items():
-            p, group = self._params[key]
+            p = self._params[key]
+            group = self._group_of(p)
             state = optimizer.state.get(p)
             if not state or p.grad is None:
                 continue
