@@ -195,3 +195,15 @@ def test_tinystories_shape_save_round_trip(tmp_path):
     again = load_converted(tmp_path)
     assert (logits(again, ids, mask) - before).abs().max().item() == 0.0
     assert torch.equal(greedy(again, ids, mask, n=4), greedy(model, ids, mask, n=4))
+
+
+def test_convert_after_from_pretrained_is_converted(tmp_path):
+    """transformers 5 keeps the loaded ``model_type`` on the config instance; conversion must still win."""
+    from transformers import GPTNeoForCausalLM
+
+    tiny_gpt_neo().save_pretrained(tmp_path)
+    model = convert(GPTNeoForCausalLM.from_pretrained(tmp_path, attn_implementation="eager"), gsa_config("gpt-neo"))
+    assert is_converted(model)
+    assert model.config.model_type == "gsa_gpt_neo"
+    assert list(attention_layers(model)) and all(name in gsa_layers(model) for name in
+                                                 (layer.name for layer in attention_layers(model)))

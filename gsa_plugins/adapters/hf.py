@@ -202,6 +202,8 @@ def finalize(model: nn.Module, cfg: GSAConfig) -> None:
     original_type = model.config.model_type
     model.config.gsa = cfg.to_dict()
     model.config.__class__ = gsa_config_class(type(model.config))
+    # transformers 5 keeps the loaded ``model_type`` on the config instance, shadowing the GSA class's.
+    model.config.__dict__.pop("model_type", None)
     model.__class__ = gsa_model_class(type(model))
     register_family(original_type)
 

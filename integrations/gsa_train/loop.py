@@ -144,12 +144,7 @@ def load_trained(path: str | os.PathLike[str]) -> Any:
         return load_converted(path)
     from transformers import GPTNeoForCausalLM
 
-    model = GPTNeoForCausalLM.from_pretrained(path, attn_implementation="eager")
-    # transformers 5 stores ``model_type`` on the loaded config instance, which would shadow the GSA config
-    # class's ``gsa_gpt_neo`` after a later ``convert`` (is_converted() would then say False); the class has it.
-    if model.config.__dict__.get("model_type") == type(model.config).model_type:
-        del model.config.__dict__["model_type"]
-    return model
+    return GPTNeoForCausalLM.from_pretrained(path, attn_implementation="eager")
 
 
 def _tokenizer(s: TrainSettings, texts: tuple[str, ...], dp: DataParallel) -> Any:
