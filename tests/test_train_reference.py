@@ -45,4 +45,5 @@ def test_the_recipe_is_valid():
     from gsa_train.loop import TrainSettings
 
     s = TrainSettings.build(**reference.CHAT_SETTINGS, out="x")
-    assert s.layout == "tiny" and s.attention == "softmax" and s.corpus == "stdlib"
+    assert s.layout == "tiny" and s.attention == "gsa" and s.corpus == "stdlib"
+    assert s.gsa["backend"] == "kernel" and s.gsa["bank"]["n_splats"] == 64

@@ -1,10 +1,14 @@
 """The default model ``gsa chat`` talks to: trained here on first use, then cached.
 
 Why train instead of download: nothing may come from a model hub, and Python's own docstrings are on
-every machine. The ``tiny`` layout trains in about two minutes on a 2-core CPU and then writes
-English-like docstring prose. The cache folder name carries a version, so changing the recipe below
-(bump :data:`CHAT_MODEL_VERSION`) retrains instead of reusing a stale model. Training happens in a
-temporary folder that is renamed into place at the end, so an interrupted run never leaves a half cache.
+every machine. The ``tiny`` layout trains in about three minutes on a 2-core CPU and then writes
+English-like docstring prose. Its global layer is GSA trained from scratch (kernel backend, 64 splats per
+head, the adaptation controller on; the local layer exact): at this size and budget it reached a lower
+held-out perplexity than the same model with softmax attention (65 vs 106, ``gsa bench distill_causal``),
+and it decodes with the constant-memory recurrent cache. The cache folder name carries a version, so
+changing the recipe below (bump :data:`CHAT_MODEL_VERSION`) retrains instead of reusing a stale model.
+Training happens in a temporary folder that is renamed into place at the end, so an interrupted run
+never leaves a half cache.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-CHAT_MODEL_VERSION = 1
-CHAT_MODEL_NAME = f"gpt-neo-tiny-stdlib-v{CHAT_MODEL_VERSION}"
+from gsa_train.loop import DEFAULT_GSA
+
+CHAT_MODEL_VERSION = 2
+CHAT_MODEL_NAME = f"gsa-gpt-neo-tiny-stdlib-v{CHAT_MODEL_VERSION}"
 #: The recipe (``gsa_train.loop.TrainSettings`` fields, without ``out``).
 CHAT_SETTINGS: dict[str, Any] = {
-    "corpus": "stdlib", "layout": "tiny", "attention": "softmax", "steps": 900, "batch_size": 16,
-    "block_len": 128, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01, "log_every": 50, "seed": 0,
+    "corpus": "stdlib", "layout": "tiny", "attention": "gsa", "gsa": {**DEFAULT_GSA, "bank": {"n_splats": 64}},
+    "steps": 900, "batch_size": 16, "block_len": 128, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01,
+    "log_every": 50, "seed": 0,
 }
 
 
@@ -53,7 +60,16 @@ def default_chat_model(progress: bool = True, **overrides: Any) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{CHAT_MODEL_NAME}.", dir=final.parent))
     try:
         settings = TrainSettings.build(**{**CHAT_SETTINGS, **overrides, "out": work, "progress": progress})
-        train(settings, DataParallel())  # always one process, also when called under torchrun
+        import torch
+
+        # One thread: the tiny model's matrices are too small to gain from more, and with a second
+        # thread a busy 2-core machine trained about 5x slower (measured: 18 min against 3 min).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train(settings, DataParallel())  # always one process, also when called under torchrun
+        finally:
+            torch.set_num_threads(threads)
         if final.exists() and not is_cached(final):  # a leftover from an older, broken layout of the cache
             shutil.rmtree(final, ignore_errors=True)
         try:
