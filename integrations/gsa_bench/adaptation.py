@@ -451,10 +451,9 @@ def summary_text(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> tuple[Path, Path | None]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "adaptation.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    return json_path, plot(report, out / "adaptation.png")
+    from gsa_bench.report import write_report
+
+    return write_report(report, out, "adaptation"), plot(report, out / "adaptation.png")
 
 
 # ----------------------------------------------------------------------------- command line

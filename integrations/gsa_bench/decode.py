@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -325,10 +324,9 @@ def summary_text(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> tuple[Path, Path | None]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "decode.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    return json_path, plot(report, out / "decode.png")
+    from gsa_bench.report import write_report
+
+    return write_report(report, out, "decode"), plot(report, out / "decode.png")
 
 
 # ----------------------------------------------------------------------------- command line

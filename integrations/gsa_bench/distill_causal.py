@@ -223,11 +223,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "distill_causal.json"
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out_dir / "distill_causal.md").write_text(markdown_table(report) + "\n")
-    return path
+    from gsa_bench.report import write_report
+
+    return write_report(report, out_dir, "distill_causal", markdown=markdown_table(report))
 
 
 def run(args: argparse.Namespace) -> int:

