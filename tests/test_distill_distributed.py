@@ -10,11 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from _distill_models import settings, tiny_bert_folder
-
-pytestmark = pytest.mark.slow  # two processes importing transformers: about 20 s on 2 cores
 
 WORKER = textwrap.dedent("""
     import json, sys
