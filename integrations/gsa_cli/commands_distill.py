@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gsa_bench.args import json_object_arg
+
 from gsa_cli.output import print_json
 
 STAGE2 = ("none", "lora", "full")
@@ -22,15 +24,6 @@ def _regulariser(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"regulariser weight must be a number, got {weight!r}") from None
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="source Hugging Face model folder")
@@ -38,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path,
                         help="GSA config file (TOML/JSON/YAML); an optional [distill] table in it holds these settings")
     parser.add_argument("--initializer", help="registered initializer for calibration (default kmeans)")
-    parser.add_argument("--init-params", type=_json_object, metavar="JSON", help="the initializer's params")
+    parser.add_argument("--init-params", type=json_object_arg, metavar="JSON", help="the initializer's params")
     parser.add_argument("--splats", type=int, metavar="K", help="splats per head (overrides bank.n_splats)")
     parser.add_argument("--window", type=int, metavar="W",
                         help="exact window of W keys (each side for encoders) plus GSA beyond it: hybrid mode")

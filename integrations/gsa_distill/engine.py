@@ -300,6 +300,18 @@ class Distiller:
         return batch
 
     # ------------------------------------------------------------ stage 1
+    def _restore(self, resume: dict[str, Any] | None, optimizer: torch.optim.Optimizer,
+                 controller: Any) -> tuple[int, list[dict[str, Any]]]:
+        """Load a stage's checkpoint (trainable weights, optimizer, controller); the step and history to go on
+        from (``0, []`` for a fresh start)."""
+        if resume is None:
+            return 0, []
+        checkpoint.load_trainable_state(self.model, resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if controller is not None and resume["controller"] is not None:
+            controller.load_state_dict(resume["controller"])
+        return resume["step"], list(resume["history"])
+
     def stage1(self, resume: dict[str, Any] | None) -> None:
         from gsa_plugins.adapters import set_passthrough
 
@@ -310,13 +322,7 @@ class Distiller:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.s.stage1_lr)
         controller = _make_controller(self.model, self.cfg, optimizer)
-        start, history = 0, []
-        if resume is not None:
-            checkpoint.load_trainable_state(self.model, resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if controller is not None and resume["controller"] is not None:
-                controller.load_state_dict(resume["controller"])
-            start, history = resume["step"], list(resume["history"])
+        start, history = self._restore(resume, optimizer, controller)
         set_passthrough(self.model, True)
         self.model.eval()
         for layer in self.layers.values():
@@ -413,13 +419,7 @@ class Distiller:
         optimizer = torch.optim.Adam([{"params": host_params, "lr": self.s.lr2()},
                                       {"params": splat_params, "lr": self.s.lr_splats2()}])
         controller = _make_controller(self.model, self.cfg, optimizer)
-        start, history = 0, []
-        if resume is not None:
-            checkpoint.load_trainable_state(self.model, resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if controller is not None and resume["controller"] is not None:
-                controller.load_state_dict(resume["controller"])
-            start, history = resume["step"], list(resume["history"])
+        start, history = self._restore(resume, optimizer, controller)
         self.model.eval()
         for layer in self.layers.values():
             layer.train()
