@@ -63,7 +63,9 @@ def test_first_update_of_a_reborn_slot_is_at_most_lr(name, covariance, global_st
     opt.step()
     for k, p in bank.slot_parameters().items():
         delta = (p.detach() - before[k])[written]
-        assert delta.abs().max() <= LR * (1 + 1e-5), (k, delta.abs().max())
+        # the difference of two float32 values of size |p| is only known to about one ulp of |p|
+        ulp = torch.finfo(p.dtype).eps * float(torch.maximum(p.detach().abs(), before[k].abs())[written].max())
+        assert delta.abs().max() <= LR * (1 + 1e-5) + 2 * ulp, (k, delta.abs().max())
         assert delta.abs().min() >= LR * 0.99  # exactly lr * g / (|g| + eps), as for a fresh parameter
     slot_steps.remove()
 
