@@ -35,8 +35,19 @@ def env(home: Path) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _as_a_terminal_session() -> None:
+    """In the child, before exec: Ctrl+C as in a terminal session. A test run launched in the background
+    (``cmd &`` without job control) ignores SIGINT, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def terminal(*args: str, home: Path) -> pexpect.spawn:
+    return pexpect.spawn(GSA, list(args), env=env(home), encoding="utf-8", timeout=60, dimensions=(40, 250),
+                         preexec_fn=_as_a_terminal_session)
+
+
 def spawn(home: Path, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(GSA, ["chat", *args], env=env(home), encoding="utf-8", timeout=60, dimensions=(40, 250))
+    child = terminal("chat", *args, home=home)
     child.expect_exact("/help lists commands")
     child.expect_exact(PROMPT)
     return child
@@ -123,8 +134,7 @@ def test_continue_load_and_ctrl_d(tmp_path: Path, models: dict[str, Path]) -> No
         beta = store.create_session(model="m", template="plain", settings={"max_new_tokens": 5, "seed": 1})
         store.add_message(beta.id, "user", "hello beta")
         store.add_message(beta.id, "assistant", "reply beta", status="stopped")
-    child = pexpect.spawn(GSA, ["chat", str(models["small"]), "--continue"], env=env(tmp_path), encoding="utf-8",
-                          timeout=60, dimensions=(40, 250))
+    child = terminal("chat", str(models["small"]), "--continue", home=tmp_path)
     child.expect_exact(f"continuing session #{beta.id} (2 messages")
     child.expect_exact(PROMPT)
     assert "user: hello beta\nassistant [stopped]: reply beta" in say(child, "/history")
