@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gsa_core.bank import SplatBank
 from gsa_core.errors import CalibrationError
@@ -34,6 +34,35 @@ RECOMMENDED_INITIALIZER: tuple[str, dict[str, Any]] = ("kmeans", {"scale_factor"
 
 
 # ----------------------------------------------------------------------------- score scale
+ROLES = ("query", "key", "value", "attention")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionLayer:
+    """One attention layer as calibration sees it (adapters describe their layers with it; the
+    ``gsa_calibrate`` collectors hook the modules it names).
+
+    ``query``/``key``/``value``: modules whose output is ``[B, T, n_heads * head_dim]`` (the projections);
+    ``scaling``: the teacher's logit factor (``q·k * scaling``; BERT ``head_dim**-0.5``, GPT-Neo 1.0);
+    ``attention``: optionally, the module whose output (or its first element) is the attention
+    context ``[B, T, n_heads * head_dim]`` before the output projection (a distillation target).
+    """
+
+    name: str
+    query: nn.Module
+    key: nn.Module
+    n_heads: int
+    head_dim: int
+    scaling: float = 1.0
+    value: nn.Module | None = None
+    attention: nn.Module | None = None
+
+    def module(self, role: str) -> nn.Module | None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        return getattr(self, role)
+
+
 def gsa_input_scale(teacher_scaling: float) -> float:
     """Factor applied to *both* ``q`` and ``k`` so that their plain dot product equals the teacher's
     logit ``teacher_scaling * q·k``: ``sqrt(teacher_scaling)`` (``d^-1/4`` for BERT's ``d^-1/2``)."""

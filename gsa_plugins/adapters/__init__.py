@@ -52,7 +52,7 @@ def register_auto_classes() -> None:
 
 
 def attention_layers(model: Any) -> list[Any]:
-    """The model's GSA layers as ``gsa_calibrate.collect.AttentionLayer`` descriptions (for calibration)."""
+    """The model's GSA layers as ``gsa_core.calibration.AttentionLayer`` descriptions (for calibration)."""
     return adapter_for(model).attention_layers(model)
 
 

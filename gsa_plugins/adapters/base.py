@@ -28,9 +28,8 @@ from gsa_core.registry import StrategyParams, get_registry
 from gsa_plugins.adapters.layers import GSALayer, Mode
 
 if TYPE_CHECKING:
-    from gsa_calibrate.collect import AttentionLayer
-
     from gsa_core.bank import SplatBank
+    from gsa_core.calibration import AttentionLayer
 
 INSTALL_HINT = "pip install gaussian-splat-attention"
 MODEL_TYPE_PREFIX = "gsa_"
@@ -176,13 +175,13 @@ class HFAdapter:
         raise NotImplementedError
 
     def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
-        """The converted layers as ``gsa_calibrate.collect.AttentionLayer`` descriptions.
+        """The converted layers as ``gsa_core.calibration.AttentionLayer`` descriptions.
 
         Default: the ``q_in``/``k_in`` capture points of each attached :class:`GSALayer` (the vectors
         the layer actually attends with, after rotary embeddings or head sharing); needs a converted
         model. Families whose projections are the attention's inputs override this.
         """
-        from gsa_calibrate.collect import AttentionLayer
+        from gsa_core.calibration import AttentionLayer
 
         layers = []
         for name, layer in gsa_layers(model).items():

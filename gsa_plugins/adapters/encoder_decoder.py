@@ -28,7 +28,7 @@ from gsa_plugins.adapters.base import (
 )
 
 if TYPE_CHECKING:
-    from gsa_calibrate.collect import AttentionLayer
+    from gsa_core.calibration import AttentionLayer
 
 PARTS = ("encoder", "decoder")
 

@@ -29,7 +29,7 @@ from gsa_plugins.adapters.base import (
 from gsa_plugins.adapters.layers import Mode
 
 if TYPE_CHECKING:
-    from gsa_calibrate.collect import AttentionLayer
+    from gsa_core.calibration import AttentionLayer
 
 
 class GPTNeoParams(AdapterParams):
@@ -126,7 +126,7 @@ class GPTNeoAdapter(HFAdapter):
     def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
         """``q_proj``/``k_proj``/``v_proj`` of every layer (scaling 1); before conversion every layer, after
         it the layers that have a splat bank."""
-        from gsa_calibrate.collect import AttentionLayer
+        from gsa_core.calibration import AttentionLayer
 
         layers = [AttentionLayer(name=s.name, query=s.module.q_proj, key=s.module.k_proj, value=s.module.v_proj,
                                  n_heads=s.n_heads, head_dim=s.head_dim, scaling=1.0) for s in self.sites(model)]

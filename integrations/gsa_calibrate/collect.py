@@ -4,64 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gsa_core.bank import CovarianceKind, SplatBank
-from gsa_core.calibration import to_gsa_space
-
-ROLES = ("query", "key", "value", "attention")
-
-
-@dataclass(frozen=True, eq=False)
-class AttentionLayer:
-    """One attention layer as calibration sees it.
-
-    ``query``/``key``/``value``: modules whose output is ``[B, T, n_heads * head_dim]`` (the projections);
-    ``scaling``: the teacher's logit factor (``q·k * scaling``; BERT ``head_dim**-0.5``, GPT-Neo 1.0);
-    ``attention``: optionally, the module whose output (or its first element) is the attention
-    context ``[B, T, n_heads * head_dim]`` before the output projection (a distillation target).
-    """
-
-    name: str
-    query: nn.Module
-    key: nn.Module
-    n_heads: int
-    head_dim: int
-    scaling: float = 1.0
-    value: nn.Module | None = None
-    attention: nn.Module | None = None
-
-    def module(self, role: str) -> nn.Module | None:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
-        return getattr(self, role)
-
-
-def bert_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    """The self-attention layers of a BERT-family model (``query``/``key``/``value`` Linear modules).
-
-    Names are the modules' paths (``encoder.layer.0.attention.self``), in model order.
-    """
-    layers = []
-    for name, module in model.named_modules():
-        parts = [getattr(module, a, None) for a in ("query", "key", "value")]
-        if not all(isinstance(p, nn.Linear) for p in parts):
-            continue
-        n_heads = getattr(module, "num_attention_heads", None)
-        head_dim = getattr(module, "attention_head_size", None)
-        if not isinstance(n_heads, int) or not isinstance(head_dim, int):
-            continue
-        scaling = float(getattr(module, "scaling", head_dim**-0.5))
-        layers.append(AttentionLayer(name=name, query=module.query, key=module.key, value=module.value,
-                                     n_heads=n_heads, head_dim=head_dim, scaling=scaling, attention=module))
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no BERT-style self-attention modules (query/key/value Linear "
-                         "with num_attention_heads and attention_head_size)")
-    return layers
+from gsa_core.calibration import ROLES, AttentionLayer, to_gsa_space
+from gsa_plugins.adapters.bert import bert_attention_layers
 
 
 def token_batches(
