@@ -300,6 +300,17 @@ class Distiller:
         return batch
 
     # ------------------------------------------------------------ stage 1
+    def _update(self, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, controller: Any) -> None:
+        """After backward: average gradients across ranks, let the controller read its statistics, step,
+        let it refine the banks (same order in both stages, so resume and data parallel agree)."""
+        self.dp.average_gradients(params)
+        if controller is not None:
+            controller.after_backward(step)
+        optimizer.step()
+        if controller is not None:
+            controller.step(step)
+        optimizer.zero_grad(set_to_none=True)
+
     def _restore(self, resume: dict[str, Any] | None, optimizer: torch.optim.Optimizer,
                  controller: Any) -> tuple[int, list[dict[str, Any]]]:
         """Load a stage's checkpoint (trainable weights, optimizer, controller); the step and history to go on
@@ -343,13 +354,7 @@ class Distiller:
                 reg, reg_values = regularisation(banks, self.s.regularisers)
                 total = loss if reg is None else loss + reg
                 total.backward()
-                self.dp.average_gradients(params)
-                if controller is not None:
-                    controller.after_backward(step)
-                optimizer.step()
-                if controller is not None:
-                    controller.step(step)
-                optimizer.zero_grad(set_to_none=True)
+                self._update(step, params, optimizer, controller)
                 value = self.dp.sum(loss.detach()) / self.dp.world_size  # the global relative MSE
                 if step % self.s.log_every == 0 or step == steps - 1:
                     history.append({"step": step, "rel_mse": value, **reg_values})
@@ -433,13 +438,7 @@ class Distiller:
                 batch = _to(self._global_batch(step), device)
                 loss = self._stage2_loss(loss_name, teacher, batch)
                 loss.backward()
-                self.dp.average_gradients(all_params)
-                if controller is not None:
-                    controller.after_backward(step)
-                optimizer.step()
-                if controller is not None:
-                    controller.step(step)
-                optimizer.zero_grad(set_to_none=True)
+                self._update(step, all_params, optimizer, controller)
                 value = self.dp.mean(loss.detach())
                 if step % self.s.log_every == 0 or step == steps - 1:
                     history.append({"step": step, "loss": value})
