@@ -15,8 +15,9 @@ def texts(n: int = 48, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 28))) + "." for _ in range(n)]
 
 
-def tiny_bert_folder(path: Path, seed: int = 0) -> Path:
-    """``save_pretrained`` of a 2-layer BERT (hidden 32, 4 heads) and a ``BertTokenizerFast`` over :data:`WORDS`."""
+def tiny_bert_folder(path: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """``save_pretrained`` of a 2-layer BERT (hidden 32, 4 heads) in ``dtype`` and a ``BertTokenizerFast`` over
+    :data:`WORDS`."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -28,7 +29,8 @@ def tiny_bert_folder(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)  # with its pooler, so loading reports nothing missing
+    # with its pooler, so loading reports nothing missing
+    BertModel(config).to(getattr(torch, dtype)).save_pretrained(path)
     return path
 
 
