@@ -128,6 +128,19 @@ def test_stats_every_observes_every_nth_step_and_keeps_window_length_in_steps():
     assert ctl.banks[0].stats.steps == 4  # steps 0, 2, 4, 6
 
 
+def test_collect_next_step_observes_a_step_stats_every_would_skip():
+    cfg = config(scheduler={"name": "interval", "params": {"start": 1000}})
+    model = make(cfg)()
+    ctl = AdaptationController(model, cfg, torch.optim.Adam(model.parameters()), stats_every=4)
+    for step in range(2):  # step 0 observed, step 1 skipped
+        loss_fn(model, step).backward()
+        ctl.after_backward(step)
+    assert ctl.banks[0].stats.steps == 1
+    ctl.collect_next_step()
+    loss_fn(model, 2).backward()
+    ctl.after_backward(2)
+    assert ctl.banks[0].stats.steps == 2
+
 def test_grace_protects_newborns():
     cfg = config(birth="relocate", death={"name": "low-mass", "params": {"relative_threshold": 100.0}},
                  scheduler={"name": "interval", "params": {"start": 1, "every": 1}}, min_alive=1)

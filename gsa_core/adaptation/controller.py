@@ -255,6 +255,10 @@ class AdaptationController:
                 t.stats.accumulate()
         self._collecting = (step + 1) % self.stats_every == 0
 
+    def collect_next_step(self) -> None:
+        """Observe the next training step whatever ``stats_every`` says (after changing it mid-run, say)."""
+        self._collecting = True
+
     def signals(self, step: int) -> dict[str, float]:
         """What the scheduler sees: the shift statistic and step counters."""
         out: dict[str, float] = {"shift": self.shift_score}

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gsa_common
+
 SCHEMA = "gsa-bench-adaptation/1"
 
 #: Adaptation variants compared with "off". Each is an ``adaptation`` config section (enabled implied).
@@ -299,7 +301,7 @@ def measure_overhead(args: argparse.Namespace) -> dict[str, Any]:
             controller.stats_every = every
             for t in controller.banks:
                 t.stats.max_tokens = tokens
-            controller._collecting = True
+            controller.collect_next_step()
             t0 = time.perf_counter()
             for i in range(4):
                 forward().backward()
@@ -381,9 +383,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
     return {
         "schema": SCHEMA,
-        "created": timing.utc_now(),
+        "created": gsa_common.utc_now(),
         "environment": timing.environment(),
-        "load_average": timing.load_average(),
+        "load_average": gsa_common.load_average(),
         "settings": settings,
         "variants": {n: VARIANTS[n] for n in names},
         "task": __doc__.split("\n\n")[1],

@@ -31,8 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gsa_common
+from gsa_common import json_object_arg
+
 from gsa_bench import timing
-from gsa_bench.args import json_object_arg
 
 SCHEMA = "gsa-bench-attention/1"
 CASE_TARGET = "gsa_bench.attention:run_case"
@@ -434,7 +436,7 @@ class _Runner:
         self.args, self.total, self.done = args, total, 0
 
     def __call__(self, payload: dict[str, Any], hard_timeout: float) -> dict[str, Any]:
-        load = timing.load_average()
+        load = gsa_common.load_average()
         start = time.perf_counter()
         if self.args.isolate:
             out = timing.run_isolated(CASE_TARGET, payload, timeout_s=hard_timeout,
@@ -593,8 +595,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     n_attn = len(args.sizes) * len(series) * (1 if args.no_backward else 2)
     n_dec = 0 if args.no_decode else 2 * len(args.decode_contexts)
     runner = _Runner(args, n_attn + n_dec + len(args.profile_sizes))
-    started = timing.utc_now()
-    load_start = timing.load_average()
+    started = gsa_common.utc_now()
+    load_start = gsa_common.load_average()
     matmul_start = timing.matmul_gflops(args.matmul_size)
     if not args.quiet:
         print(f"matmul: {matmul_start['gflops_best']:.1f} GFLOP/s fp32 ({args.threads} threads)", file=sys.stderr)
@@ -621,7 +623,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "schema": SCHEMA,
         "started_at": started,
-        "finished_at": timing.utc_now(),
+        "finished_at": gsa_common.utc_now(),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "settings": {
             "heads": args.heads, "head_dim": args.head_dim, "splats": args.splats, "batch": 1,
@@ -640,7 +642,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_times_s: process CPU seconds of each call, all threads (time.process_time)",
         },
         "registered_backends": registered,
-        "loadavg_1m": {"start": load_start, "end": timing.load_average(),
+        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average(),
                        "note": "system load average; above ~0.5 on this machine other processes competed for "
                        "the cores and timings are inflated"},
         "environment": timing.environment(),

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gsa_common
+
 from gsa_bench import timing
 from gsa_bench.attention import parse_sizes
 
@@ -192,8 +194,8 @@ def summarise(settings: dict[str, Any], cases: list[dict[str, Any]]) -> dict[str
 
 def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str, Any]:
     settings = settings_from_args(args)
-    load_start = timing.load_average()
-    started = timing.utc_now()
+    load_start = gsa_common.load_average()
+    started = gsa_common.utc_now()
     cases = []
     for context in settings["contexts"]:
         for kind in MODELS:
@@ -204,7 +206,7 @@ def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str
                 result = run_case(payload)
             result.setdefault("model", kind)
             result.setdefault("context", context)
-            result["loadavg_1m_after"] = timing.load_average()
+            result["loadavg_1m_after"] = gsa_common.load_average()
             cases.append(result)
             if not args.quiet:
                 print(_case_line(result), file=sys.stderr)
@@ -240,8 +242,8 @@ def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str
             "threads": settings["threads"],
         },
         "started": started,
-        "finished": timing.utc_now(),
-        "loadavg_1m": {"start": load_start, "end": timing.load_average()},
+        "finished": gsa_common.utc_now(),
+        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
         "environment": timing.environment(),
         "cases": cases,
         "summary": summarise(settings, cases),

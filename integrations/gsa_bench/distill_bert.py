@@ -32,7 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gsa_bench.args import json_object_arg
+import gsa_common
+from gsa_common import json_object_arg
+
 from gsa_bench.report import MINILM_NAME
 
 SCHEMA = "gsa-bench-distill-bert/1"
@@ -106,8 +108,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = timing.utc_now()
-    load_start = timing.load_average()
+    started = gsa_common.utc_now()
+    load_start = gsa_common.load_average()
     model_path = minilm_path(args.model)
     original = AutoModel.from_pretrained(model_path, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -167,7 +169,7 @@ def _report(args: argparse.Namespace, started: str, load_start: Any, data_info: 
     import torch
 
     return {
-        "schema": SCHEMA, "started": started, "finished": timing.utc_now(),
+        "schema": SCHEMA, "started": started, "finished": gsa_common.utc_now(),
         "model": {"name": MINILM_NAME if args.model is None else str(args.model), "layers_converted": 6,
                   "teacher_attention": "sdpa"},
         "definitions": {
@@ -192,7 +194,7 @@ def _report(args: argparse.Namespace, started: str, load_start: Any, data_info: 
                      "grid_settings": args.grid_settings, "best": args.best, "seed": args.seed,
                      "threads": torch.get_num_threads(), "max_length": args.max_length, **data_info},
         "results": results,
-        "loadavg_1m": {"start": load_start, "end": timing.load_average()},
+        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
         "environment": timing.environment(),
     }
 

@@ -113,7 +113,7 @@ class _Clock:
     def __call__(self, name: str) -> Any:
         import contextlib
 
-        from gsa_bench.timing import load_average
+        from gsa_common import load_average
 
         @contextlib.contextmanager
         def phase() -> Any:
@@ -128,12 +128,13 @@ class _Clock:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from gsa_common import load_average, utc_now
     from gsa_train.data import encode_blocks, load_texts
     from gsa_train.distributed import DataParallel
     from gsa_train.loop import DEFAULT_GSA, evaluate, load_trained, train
     from transformers import AutoTokenizer
 
-    from gsa_bench.timing import environment, load_average, utc_now
+    from gsa_bench.timing import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)

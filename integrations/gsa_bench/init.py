@@ -40,7 +40,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gsa_bench.args import json_object_arg
+import gsa_common
+from gsa_common import json_object_arg
+
 from gsa_bench.report import MINILM_NAME
 
 SCHEMA = "gsa-bench-init/1"
@@ -240,8 +242,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = timing.utc_now()
-    load_start = timing.load_average()
+    started = gsa_common.utc_now()
+    load_start = gsa_common.load_average()
     model_path = minilm_path(args.model)
     model = AutoModel.from_pretrained(model_path, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -299,7 +301,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "started": started,
-        "finished": timing.utc_now(),
+        "finished": gsa_common.utc_now(),
         "model": {"name": MINILM_NAME if args.model is None
                   else str(args.model), "attn_implementation": "eager", "layers": [lay.name for lay in layers],
                   "heads": layers[0].n_heads, "head_dim": head_dim, "teacher_scaling": layers[0].scaling,
@@ -333,7 +335,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "baselines": {"uniform": {"rel_err_mean": statistics.fmean(uniform_errs), "layers": baselines["uniform"]}},
         "capture_check_rel_err": baselines["capture_check_rel_err"],
         "results": results,
-        "loadavg_1m": {"start": load_start, "end": timing.load_average()},
+        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
         "environment": timing.environment(),
     }
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import datetime as _dt
 import gc
 import importlib
 import json
@@ -32,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsa_common import utc_now
+
 RESULT_MARKER = "GSA_BENCH_RESULT "
 
 PEAK_MEMORY_METHOD = (
@@ -45,19 +46,6 @@ PEAK_MEMORY_FALLBACK = (
     "fallback: ru_maxrss after the call minus VmRSS before it (clear_refs unavailable); only "
     "meaningful when the call raised the process's all-time peak"
 )
-
-
-# ----------------------------------------------------------------------------- timestamps
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def load_average() -> float | None:
-    """The 1-minute system load average (None where unavailable): other work inflates timings."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 # ----------------------------------------------------------------------------- memory

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gsa_bench.args import json_object_arg
+from gsa_common import json_object_arg
 
 from gsa_cli.output import print_json
 

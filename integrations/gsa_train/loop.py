@@ -260,7 +260,7 @@ def train(settings: TrainSettings | dict[str, Any], dp: DataParallel | None = No
 
 
 def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
-    from gsa_bench.timing import load_average, utc_now
+    from gsa_common import load_average, utc_now
 
     t_start = time.perf_counter()
     ckpt_path = s.out / CHECKPOINT / "state.pt"

@@ -1,4 +1,4 @@
-"""Command-line argument types shared by the benchmarks."""
+"""Command-line argument types shared by the commands and the benchmarks."""
 
 from __future__ import annotations
 
