@@ -7,7 +7,8 @@
 - :mod:`~gsa_core.adaptation.metrics`: alive count, births/deaths per refine, mass entropy, coverage;
 - :mod:`~gsa_core.adaptation.ops`: in-place slot writes and optimizer-state surgery (per-slot Adam steps);
 - :mod:`~gsa_core.adaptation.distributed`: identical decisions on every rank;
-- :mod:`~gsa_core.adaptation.controller`: :class:`AdaptationController`, scheduler → death → birth.
+- :mod:`~gsa_core.adaptation.controller`: :class:`AdaptationController`, scheduler → death → birth;
+- :mod:`~gsa_core.adaptation.update`: :func:`apply_update`, the one parameter update after backward.
 
 Never imports ``transformers``.
 """
@@ -33,11 +34,13 @@ from gsa_core.adaptation.statistics import (
     slot_mass,
     slot_routing,
 )
+from gsa_core.adaptation.update import UpdateReport, apply_update
 
 __all__ = [
     "DEFAULT_COVERAGE_RADIUS", "AdamSlotSteps", "AdaptationController", "AdaptationError", "CoverageMap",
     "RefineRecord", "RefineReport", "RingBuffer", "ShiftDetector", "SlotStatistics", "SplitBirths",
-    "Synchronizer", "WindowStats", "apply_births", "bank_metrics", "controller_for", "coverage_map",
+    "Synchronizer", "UpdateReport", "WindowStats", "apply_births", "apply_update", "bank_metrics",
+    "controller_for", "coverage_map",
     "coverage_report", "decision_seed", "effective_slots", "features_and_distance", "find_banks",
     "gaussian_symmetric_kl", "limit_deaths", "mass_entropy", "slot_mass", "slot_routing", "summarise_records",
     "uncovered_points", "zero_slot_state",

@@ -247,9 +247,6 @@ class SlotStatistics:
                 )
         self.pending.append(_Observation(q, k, mask))
 
-    def discard_pending(self) -> None:
-        self.pending.clear()
-
     # ----------------------------------------------------------------- per step
     @torch.no_grad()
     def accumulate(self) -> bool:

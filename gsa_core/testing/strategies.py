@@ -98,8 +98,3 @@ def random_stats(bank: SplatBank, seed: int, steps: int = 10) -> SlotStats:
     grad = torch.rand(bank.alive.shape, generator=g) * alive
     hits = torch.randint(0, 20, bank.alive.shape, generator=g).float() * alive
     return SlotStats(mass=mass, grad_norm=grad, hits=hits, steps=steps)
-
-
-@st.composite
-def stats_for(draw: st.DrawFn, bank: SplatBank) -> SlotStats:
-    return random_stats(bank, draw(st.integers(0, 2**31 - 1)), steps=draw(st.integers(0, 50)))

@@ -142,7 +142,7 @@ def train_run(args: argparse.Namespace, variant_name: str, seed: int) -> dict[st
     """One training run; returns the loss curve, the refine history and the summary numbers."""
     import torch
 
-    from gsa_core.adaptation import AdaptationController
+    from gsa_core.adaptation import AdaptationController, apply_update
     from gsa_core.masks import MaskSpec
 
     variant = VARIANTS[variant_name]
@@ -163,12 +163,7 @@ def train_run(args: argparse.Namespace, variant_name: str, seed: int) -> dict[st
         out = layer(q, k, v, mask)
         loss = (out - target).square().mean() / target.var().clamp_min(1e-12)
         loss.backward()
-        if controller is not None:
-            controller.after_backward(step)
-        opt.step()
-        if controller is not None:
-            controller.step(step)
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, step, controller=controller)
         losses.append(float(loss.detach()))
         alive.append(int(layer.bank.alive.sum()))
     elapsed = time.perf_counter() - start
@@ -256,7 +251,7 @@ def measure_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from gsa_core.adaptation import AdaptationController
+    from gsa_core.adaptation import AdaptationController, apply_update
     from gsa_core.masks import MaskSpec
 
     stream, w_v = make_task(args, 0)
@@ -305,10 +300,7 @@ def measure_overhead(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             for i in range(4):
                 forward().backward()
-                controller.after_backward(i)
-                opt.step()
-                controller.step(i)
-                opt.zero_grad(set_to_none=True)
+                apply_update(opt, i, controller=controller)
             return (time.perf_counter() - t0) / 4
 
         names = list(arms)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gsa_core.adaptation.update import apply_update
 from gsa_core.config import GSAConfig
 from gsa_distill import checkpoint
 from gsa_distill.evaluate import embedding_agreement, mean_pool, sentence_embeddings
@@ -301,15 +302,9 @@ class Distiller:
 
     # ------------------------------------------------------------ stage 1
     def _update(self, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, controller: Any) -> None:
-        """After backward: average gradients across ranks, let the controller read its statistics, step,
-        let it refine the banks (same order in both stages, so resume and data parallel agree)."""
-        self.dp.average_gradients(params)
-        if controller is not None:
-            controller.after_backward(step)
-        optimizer.step()
-        if controller is not None:
-            controller.step(step)
-        optimizer.zero_grad(set_to_none=True)
+        """After backward: the one update (``gsa_core.adaptation.apply_update``), gradients averaged across ranks."""
+        apply_update(optimizer, step, controller=controller,
+                     average_gradients=lambda: self.dp.average_gradients(params))
 
     def _restore(self, resume: dict[str, Any] | None, optimizer: torch.optim.Optimizer,
                  controller: Any) -> tuple[int, list[dict[str, Any]]]:
@@ -502,13 +497,11 @@ class Distiller:
             self._info(f"resuming stage {resume['stage']} at step {resume['step']}")
         self.finished = True
         stage1_resume = resume if resume is not None and resume["stage"] == 1 else None
-        if resume is None or resume["stage"] == 1:
+        if resume is None or resume["stage"] == 1:  # at stage 2, stage 1's final banks are in its checkpoint
             self.stage1(stage1_resume)
             if self.finished:
                 self.eval_layers("stage1")
                 self.eval_embeddings("stage1")
-        elif resume["stage"] == 2:  # stage 1 is done: its final banks are in the stage-2 checkpoint
-            pass
         if self.finished and self.s.stage2 != "none":
             self.stage2(resume if resume is not None and resume["stage"] == 2 else None)
             if self.finished:

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from gsa_core.adaptation.update import apply_update
 from gsa_core.errors import ConfigError
 from gsa_core.registry import format_validation_error
 from gsa_train.data import batch_rows, encode_blocks, load_texts
@@ -316,15 +317,10 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
             ids = blocks[dp.shard(batch_rows(len(blocks), s.batch_size, step, s.seed))]
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            dp.average_gradients(model)
-            if controller is not None:
-                controller.after_backward(step)
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
-                         if s.grad_clip else float("nan"))
-            optimizer.step()
-            if controller is not None:
-                controller.step(step)
-            optimizer.zero_grad(set_to_none=True)
+            update = apply_update(optimizer, step, controller=controller,
+                                  average_gradients=lambda: dp.average_gradients(model),
+                                  max_grad_norm=s.grad_clip, parameters=model.parameters())
+            grad_norm = float("nan") if update.grad_norm is None else update.grad_norm
             value = dp.mean(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss became {value} at step {step}; try a lower --lr")
