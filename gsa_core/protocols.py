@@ -156,18 +156,63 @@ class RecurrentBackend(AttentionBackend, Protocol):
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """Converts one model family's attention to GSA.
+    """Converts one model family's attention to GSA, and knows that family's facts.
+
+    Integrations (conversion, calibration, distillation, generation) ask the adapter for anything that
+    depends on the family, instead of keeping tables of their own. ``model`` is the Hugging Face model
+    (original or converted), ``config`` a ``GSAConfig``, ``model_config`` the model's own config.
+
+    Operations:
+
+    - ``matches(model)``: whether this adapter converts ``model`` (detection);
+    - ``convert(model, config)``: convert in place and return the model;
+    - ``apply(model, config)``: rebuild the GSA structure of a model whose config already carries its
+      GSA config (what ``from_pretrained`` of a converted checkpoint calls).
+
+    Facts:
+
+    - ``model_types``: the ``model_config.model_type`` values it converts (detection before loading);
+    - ``attn_implementation(model_config)``: the ``from_pretrained(attn_implementation=...)`` the original
+      needs so conversion can wrap its attention (GPT-Neo: ``"eager"``; ``AttentionInterface`` families:
+      ``"sdpa"``; a composite model: a dict per sub-config; None: any);
+    - ``sites(model)``: every attention module it can convert, in model order, each with ``name`` (module
+      path), ``module``, ``layer`` (index), ``kind`` (``global``/``local``/``self``/``cross``),
+      ``n_heads``, ``head_dim``, ``scaling`` (the host's logit factor), ``causal`` and ``window`` (the
+      host's own sliding window or None); see ``gsa_plugins.adapters.Site``;
+    - ``attention_layers(model)``: the calibration capture points, ``gsa_core.calibration.AttentionLayer``
+      per layer with a splat bank (self-attention: calibration feeds queries and keys of one sequence);
+    - ``lora_targets(model)``: module names for LoRA fine-tuning (peft's ``target_modules``);
+    - ``hybrid_params(model, params, window)``: its params (a mapping) with every self-attention layer in
+      hybrid mode, exact over ``window`` keys and GSA beyond; explicit per-layer choices in ``params`` win;
+    - ``forward_inputs(model, batch)``: the forward keyword arguments for a batch of token ids
+      (``input_ids``, ``attention_mask``): the batch itself for most families; an encoder-decoder also
+      feeds the tokens to its decoder.
 
     Invariants: every original weight is kept; with GSA switched off (passthrough) the converted
     model reproduces the original outputs exactly; the GSA config travels in the model's config so
-    ``from_pretrained`` rebuilds the same model.
+    ``from_pretrained`` rebuilds the same model. ``gsa_core.testing.check_adapter`` checks them.
     """
 
     name: str
+    model_types: tuple[str, ...]
 
     def matches(self, model: Any) -> bool: ...
 
     def convert(self, model: Any, config: Any) -> Any: ...
+
+    def apply(self, model: Any, config: Any) -> None: ...
+
+    def attn_implementation(self, model_config: Any) -> str | dict[str, str] | None: ...
+
+    def sites(self, model: Any) -> list[Any]: ...
+
+    def attention_layers(self, model: Any) -> list[Any]: ...
+
+    def lora_targets(self, model: Any) -> list[str]: ...
+
+    def hybrid_params(self, model: Any, params: Mapping[str, Any], window: int) -> dict[str, Any]: ...
+
+    def forward_inputs(self, model: Any, batch: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 PROTOCOLS: Mapping[str, type] = {

@@ -372,12 +372,19 @@ def check_adapter(adapter: ModelAdapter, make_model: Callable[[], Any], config: 
                   run: Callable[[Any], torch.Tensor]) -> None:
     """``make_model`` builds a fresh supported model; ``run`` returns its outputs on fixed inputs.
 
-    Checks that the adapter recognises the model, keeps every original weight bit for bit, and
-    that with GSA switched off (``config`` should say passthrough) the outputs are identical.
+    Checks that the adapter recognises the model, keeps every original weight bit for bit, that with
+    GSA switched off (``config`` should say passthrough) the outputs are identical, and that its family
+    facts (the widened :class:`ModelAdapter` contract) describe the model: model types, sites, LoRA
+    targets, calibration layers and forward inputs.
     """
     assert isinstance(adapter, ModelAdapter), f"{adapter!r} does not implement ModelAdapter"
     model = make_model()
     assert adapter.matches(model), f"{adapter.name}: does not recognise the model it was built for"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    assert model_type in adapter.model_types, f"{adapter.name}: model_types {adapter.model_types} lack {model_type!r}"
+    implementation = adapter.attn_implementation(model.config)
+    assert implementation is None or isinstance(implementation, str | dict), (
+        f"{adapter.name}: attn_implementation must be a string, a dict per sub-config or None, got {implementation!r}")
     reference = run(model)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     converted = adapter.convert(model, config)
@@ -387,3 +394,26 @@ def check_adapter(adapter: ModelAdapter, make_model: Callable[[], Any], config: 
         assert torch.equal(state[key], value), f"{adapter.name}: conversion changed weight {key}"
     diff = (run(converted) - reference).abs().max().item()
     assert diff == 0.0, f"{adapter.name}: passthrough output differs by {diff}"
+    _check_adapter_facts(adapter, converted)
+
+
+def _check_adapter_facts(adapter: ModelAdapter, model: Any) -> None:
+    modules = dict(model.named_modules())
+    sites = adapter.sites(model)
+    assert sites, f"{adapter.name}: sites() found no attention module in the model it converted"
+    for site in sites:
+        assert modules.get(site.name) is site.module, f"{adapter.name}: site {site.name!r} is not that module's path"
+        assert site.kind in ("global", "local", "self", "cross"), f"{adapter.name}: site kind {site.kind!r}"
+        assert site.n_heads >= 1 and site.head_dim >= 1, f"{adapter.name}: site {site.name!r} has no heads"
+    names = {site.name for site in sites}
+    layers = adapter.attention_layers(model)
+    assert layers and {layer.name for layer in layers} <= names, (
+        f"{adapter.name}: attention_layers() must name sites, got {[layer.name for layer in layers]}")
+    targets = adapter.lora_targets(model)
+    assert targets, f"{adapter.name}: lora_targets() is empty"
+    for target in targets:  # peft matches target_modules against the end of module paths
+        assert any(name == target or name.endswith("." + target) for name in modules), (
+            f"{adapter.name}: LoRA target {target!r} names no module of the model")
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    inputs = adapter.forward_inputs(model, batch)
+    assert all(inputs[k] is v for k, v in batch.items()), f"{adapter.name}: forward_inputs() must keep the batch"

@@ -27,11 +27,13 @@ from gsa_plugins.adapters.base import (
     Site,
     UnsupportedModelError,
     adapter_for,
+    adapter_for_config,
     banks,
     convert,
     detect_adapter,
     gsa_layers,
     is_converted,
+    load_kwargs,
     set_passthrough,
 )
 from gsa_plugins.adapters.layers import GSALayer
@@ -58,6 +60,7 @@ def attention_layers(model: Any) -> list[Any]:
 
 __all__ = [
     "INSTALL_HINT", "AdapterParams", "GSALayer", "HFAdapter", "ModelMismatchError", "ModelShape", "Site",
-    "UnsupportedModelError", "adapter_for", "attention_layers", "banks", "convert", "detect_adapter", "gsa_layers",
-    "is_converted", "load_converted", "register_auto_classes", "set_passthrough",
+    "UnsupportedModelError", "adapter_for", "adapter_for_config", "attention_layers", "banks", "convert",
+    "detect_adapter", "gsa_layers", "is_converted", "load_converted", "load_kwargs", "register_auto_classes",
+    "set_passthrough",
 ]

@@ -147,6 +147,11 @@ class HFAdapter:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     params_model: ClassVar[type[AdapterParams]] = AdapterParams
+    #: ``from_pretrained(attn_implementation=...)`` the original model is loaded with so conversion can wrap
+    #: its attention (None: whatever transformers picks)
+    load_attn_implementation: ClassVar[str | None] = None
+    #: LoRA target modules (peft ``target_modules``); empty: the weight-bearing children of the sites' modules
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: AdapterParams | None = None) -> None:
         self.params = params if params is not None else self.params_model()
@@ -193,6 +198,36 @@ class HFAdapter:
                 "attached GSA layers)"
             )
         return layers
+
+    # ------------------------------------------------------------ family facts (gsa_core.protocols.ModelAdapter)
+    def attn_implementation(self, model_config: Any) -> str | dict[str, str] | None:
+        """The attention implementation to load the original model with (:attr:`load_attn_implementation`)."""
+        return self.load_attn_implementation
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        """Module names for LoRA: :attr:`lora_target_modules`, else every child of an attention module that
+        holds a 2-D weight (its projections: ``nn.Linear``, or transformers' ``Conv1D``), in model order."""
+        if self.lora_target_modules:
+            return list(self.lora_target_modules)
+        names: dict[str, None] = {}
+        for site in self.sites(model):
+            for child_name, child in site.module.named_children():
+                weight = getattr(child, "weight", None)
+                if child_name != "gsa" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                    names[child_name] = None
+        return list(names)
+
+    def hybrid_params(self, model: nn.Module, params: Mapping[str, Any], window: int) -> dict[str, Any]:
+        """``params`` with every self-attention layer hybrid over ``window`` keys (explicit ``layers`` win)."""
+        layers = sorted({site.layer for site in self.sites(model) if site.kind != "cross"})
+        out = dict(params)
+        explicit = {int(i): mode for i, mode in (params.get("layers") or {}).items()}  # JSON keeps keys as strings
+        out.update(hybrid_window=window, layers={**{i: "hybrid" for i in layers}, **explicit})
+        return out
+
+    def forward_inputs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A token batch is the forward's keyword arguments as it is."""
+        return dict(batch)
 
     # ------------------------------------------------------------ ModelAdapter
     def matches(self, model: Any) -> bool:
@@ -385,6 +420,25 @@ def available_adapters_text() -> str:
     listed = ", ".join(parts) if parts else "(none registered)"
     return (f"Available adapters: {listed}. A new family needs an adapter plugin "
             "(see examples/gsa-example-adapter).")
+
+
+def adapter_for_config(model_config: Any) -> Any | None:
+    """The first registered adapter (by name) converting ``model_config.model_type``, or None: what an
+    original model needs can be asked before it is loaded."""
+    model_type = getattr(model_config, "model_type", None)
+    registry = get_registry()
+    for comp in registry.components("adapter"):
+        if model_type in getattr(comp.factory, "model_types", ()):
+            return registry.build("adapter", comp.name)
+    return None
+
+
+def load_kwargs(model_config: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments an original model needs for its adapter to convert it (the
+    adapter's :meth:`~HFAdapter.attn_implementation`); empty when no adapter knows the model type."""
+    adapter = adapter_for_config(model_config)
+    implementation = None if adapter is None else adapter.attn_implementation(model_config)
+    return {} if implementation is None else {"attn_implementation": implementation}
 
 
 def detect_adapter(model: Any) -> Any:

@@ -10,6 +10,7 @@ both sides exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,10 @@ from torch import nn
 from gsa_core.config import AdapterSpec, GSAConfig
 from gsa_core.registry import StrategyParams
 from gsa_plugins.adapters.base import (
+    Site,
     UnsupportedModelError,
+    adapter_for,
+    adapter_for_config,
     as_gsa_config,
     available_adapters_text,
     describe_model,
@@ -75,13 +79,59 @@ class EncoderDecoderAdapter:
         model.config.gsa = cfg.model_copy(update={"adapter": spec}).to_dict()
         return model
 
-    def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
-        from dataclasses import replace
-
-        from gsa_plugins.adapters.base import adapter_for
-
-        layers = []
+    def apply(self, model: Any, config: GSAConfig) -> None:
+        """Rebuild both sides from their own GSA configs (``from_pretrained`` loads each side's GSA class,
+        which does this by itself; here for a composite rebuilt by hand)."""
         for part in PARTS:
             sub = getattr(model, part)
-            layers += [replace(layer, name=f"{part}.{layer.name}") for layer in adapter_for(sub).attention_layers(sub)]
-        return layers
+            adapter_for(sub).apply(sub, GSAConfig.from_model_config(sub.config))
+
+    # ------------------------------------------------------------ family facts: each side's, by its adapter
+    def _parts(self, model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
+        return [(part, getattr(model, part), adapter_for(getattr(model, part))) for part in PARTS]
+
+    def attn_implementation(self, model_config: Any) -> str | dict[str, str] | None:
+        """Each side's implementation (one string when both agree, else one per sub-config)."""
+        wanted: dict[str, str] = {}
+        for part in PARTS:
+            sub_config = getattr(model_config, part, None)
+            adapter = adapter_for_config(sub_config) if sub_config is not None else None
+            implementation = adapter.attn_implementation(sub_config) if adapter is not None else None
+            if isinstance(implementation, str):
+                wanted[part] = implementation
+        if not wanted:
+            return None
+        if len(wanted) == len(PARTS) and len(set(wanted.values())) == 1:
+            return next(iter(wanted.values()))
+        return wanted
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        """Both sides' sites, named by their path in the composite (``decoder.bert.encoder.layer.0...``)."""
+        return [replace(site, name=f"{part}.{site.name}") for part, sub, adapter in self._parts(model)
+                for site in adapter.sites(sub)]
+
+    def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
+        return [replace(layer, name=f"{part}.{layer.name}") for part, sub, adapter in self._parts(model)
+                for layer in adapter.attention_layers(sub)]
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        names: dict[str, None] = {}
+        for _, sub, adapter in self._parts(model):
+            names.update(dict.fromkeys(adapter.lora_targets(sub)))
+        return list(names)
+
+    def hybrid_params(self, model: nn.Module, params: Mapping[str, Any], window: int) -> dict[str, Any]:
+        """Each side's params made hybrid by its own adapter (the decoder's cross-attention stays as it is)."""
+        out = EncoderDecoderParams.model_validate(dict(params)).model_dump(mode="json")
+        for part, sub, adapter in self._parts(model):
+            out[part] = adapter.hybrid_params(sub, out[part], window)
+        return out
+
+    def forward_inputs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The tokens go to the encoder and, shifted by nothing, to the decoder as well: one forward then runs
+        every attention layer (encoder self, decoder self and cross) on real text."""
+        inputs = dict(batch)
+        inputs.setdefault("decoder_input_ids", inputs["input_ids"])
+        if "attention_mask" in inputs:
+            inputs.setdefault("decoder_attention_mask", inputs["attention_mask"])
+        return inputs

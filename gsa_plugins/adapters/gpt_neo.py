@@ -89,6 +89,7 @@ class GPTNeoAdapter(HFAdapter):
     name = "gpt-neo"
     model_types = ("gpt_neo",)
     params_model = GPTNeoParams
+    load_attn_implementation = "eager"  # the adapter subclasses the eager GPTNeoSelfAttention
 
     def sites(self, model: nn.Module) -> list[Site]:
         from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention

@@ -118,6 +118,7 @@ class InterfaceAdapter(HFAdapter):
     """Base of the ``AttentionInterface`` family adapters: subclasses name model types and module classes."""
 
     params_model = InterfaceParams
+    load_attn_implementation = "sdpa"  # either base implementation is wrapped exactly; sdpa is the faster teacher
     attention_classes: ClassVar[tuple[str, ...]] = ()
     cross_attention_classes: ClassVar[tuple[str, ...]] = ()
 

@@ -31,15 +31,14 @@ def _load_source(src: str) -> Any:
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    from gsa_plugins.adapters import load_kwargs
+
     config = AutoConfig.from_pretrained(src)
-    kwargs: dict[str, Any] = {}
-    if getattr(config, "model_type", None) == "gpt_neo":
-        kwargs["attn_implementation"] = "eager"  # the gpt-neo adapter wraps the eager attention class
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if not isinstance(cls, type):
         cls = AutoModel
-    return cls.from_pretrained(src, **kwargs)
+    return cls.from_pretrained(src, **load_kwargs(config))  # the attention implementation its adapter wraps
 
 
 def _copy_tokenizer(src: str, dst: Path) -> list[str]:

@@ -6,12 +6,12 @@ frozen original, optionally fine-tune on the task loss (LoRA or full). ``gsa dis
     run.report["embedding"]["stage2"]["cosine_mean"]
 """
 
-from gsa_distill.engine import LORA_TARGETS, Distiller, distill, load_source, training_texts
+from gsa_distill.engine import Distiller, distill, load_source, training_texts
 from gsa_distill.evaluate import embedding_agreement, mean_pool, sentence_embeddings
 from gsa_distill.regularisers import REGULARISERS, check_regularisers
 from gsa_distill.settings import DistillSettings, read_settings_file
 
 __all__ = [
-    "LORA_TARGETS", "REGULARISERS", "DistillSettings", "Distiller", "check_regularisers", "distill",
+    "REGULARISERS", "DistillSettings", "Distiller", "check_regularisers", "distill",
     "embedding_agreement", "load_source", "mean_pool", "read_settings_file", "sentence_embeddings", "training_texts",
 ]

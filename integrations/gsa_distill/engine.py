@@ -31,19 +31,17 @@ from gsa_distill.settings import DistillSettings
 from gsa_distill.taps import LayerTaps, layer_errors
 
 SCHEMA = "gsa-distill/1"
-#: LoRA target modules per original model type, when the settings name none.
-LORA_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "key", "value"],
-    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
 
 # ----------------------------------------------------------------------------- loading and data
 def load_source(source: str) -> tuple[nn.Module, Any]:
-    """A Hugging Face model folder as ``(model, tokenizer)``: a causal LM when its config says so, else the
-    bare encoder (``AutoModel``), with the ``sdpa`` attention the teacher runs on."""
+    """A Hugging Face model folder as ``(model, tokenizer)``: a causal LM when its config says so, an
+    encoder-decoder as the class its config names, else the bare encoder (``AutoModel``); with the attention
+    implementation its adapter needs (``gsa_plugins.adapters.load_kwargs``)."""
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from gsa_plugins.adapters import load_kwargs
 
     path = Path(source)
     if not path.is_dir():
@@ -53,10 +51,11 @@ def load_source(source: str) -> tuple[nn.Module, Any]:
     config = AutoConfig.from_pretrained(path)
     causal = bool(getattr(config, "is_decoder", False)) or any(
         a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    # the gpt-neo adapter wraps the eager attention class; the interface adapters wrap sdpa
-    attn = "eager" if getattr(config, "model_type", None) == "gpt_neo" else "sdpa"
-    model = cls.from_pretrained(path, attn_implementation=attn)
+    cls: Any = AutoModelForCausalLM if causal else AutoModel
+    if getattr(config, "is_encoder_decoder", False):  # no Auto class loads a composite: the one it names
+        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        cls = named if isinstance(named, type) else cls
+    model = cls.from_pretrained(path, **load_kwargs(config))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +94,7 @@ def batch_order(n_batches: int, step: int, seed: int) -> int:
 
 def with_window(model: nn.Module, cfg: GSAConfig, window: int) -> GSAConfig:
     """``cfg`` with every self-attention layer in hybrid mode: exact within ``window`` keys, GSA beyond (any
-    adapter: through its per-layer ``layers`` overrides)."""
+    adapter: its ``hybrid_params``)."""
     from gsa_core.config import AdapterSpec
     from gsa_core.registry import get_registry
     from gsa_plugins.adapters import detect_adapter
@@ -103,8 +102,7 @@ def with_window(model: nn.Module, cfg: GSAConfig, window: int) -> GSAConfig:
     name = cfg.adapter.name if cfg.adapter is not None else detect_adapter(model).name
     params = dict(cfg.adapter.params) if cfg.adapter is not None else {}
     adapter = get_registry().build("adapter", name, params)
-    layers = sorted({site.layer for site in adapter.sites(model) if site.kind != "cross"})
-    params.update(hybrid_window=window, layers={**{i: "hybrid" for i in layers}, **params.get("layers", {})})
+    params = adapter.hybrid_params(model, params, window)
     return cfg.model_copy(update={"adapter": AdapterSpec(name=name, params=params)})
 
 
@@ -143,8 +141,10 @@ class _Progress:
 class _LazyBatches:
     """Token batches of a long text list, tokenised on first use (a run reads only the batches its steps need)."""
 
-    def __init__(self, tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
+                 inputs: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict) -> None:
         self.tokenizer, self.texts, self.batch_size, self.max_length = tokenizer, texts, batch_size, max_length
+        self.inputs = inputs  # token batch -> forward keyword arguments (the adapter's forward_inputs)
         self._cache: dict[int, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
@@ -157,8 +157,8 @@ class _LazyBatches:
             from gsa_calibrate.collect import token_batches
 
             rows = self.texts[index * self.batch_size:(index + 1) * self.batch_size]
-            self._cache[index] = token_batches(self.tokenizer, rows, batch_size=self.batch_size,
-                                               max_length=self.max_length)[0]
+            self._cache[index] = self.inputs(token_batches(self.tokenizer, rows, batch_size=self.batch_size,
+                                                           max_length=self.max_length)[0])
         return self._cache[index]
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -228,13 +228,21 @@ class Distiller:
     def data(self) -> None:
         from gsa_calibrate.collect import token_batches
 
+        from gsa_plugins.adapters import adapter_for
+
         train, held = training_texts(self.s)
         if not train:
             raise ValueError("no training text")
-        self.train_batches = _LazyBatches(self.tokenizer, train, self.s.batch_size, self.s.max_length)
+        adapter = adapter_for(self.model)
+
+        def inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            return adapter.forward_inputs(self.model, batch)
+
+        self.train_batches = _LazyBatches(self.tokenizer, train, self.s.batch_size, self.s.max_length, inputs)
         n_eval = self.s.eval_batches * self.s.batch_size
-        self.eval_batches = token_batches(self.tokenizer, held[:n_eval], batch_size=self.s.batch_size,
-                                          max_length=self.s.max_length)
+        self.eval_batches = [inputs(b) for b in token_batches(self.tokenizer, held[:n_eval],
+                                                              batch_size=self.s.batch_size,
+                                                              max_length=self.s.max_length)]
         self.report["data"] = {"train_passages": len(train), "heldout_passages": len(held),
                                "train_batches": len(self.train_batches), "eval_batches": len(self.eval_batches)}
 
@@ -254,10 +262,13 @@ class Distiller:
             if need <= 0:
                 break
         vectors = collect_qk(self.model, attention_layers(self.model), batches, max_tokens=self.s.calib_tokens)
-        report = calibrate_banks(banks(self.model), vectors, (self.s.initializer, self.s.initializer_params),
-                                 seed=self.s.seed)
+        # the adapter's capture points are the self-attention layers; cross-attention banks (keys from another
+        # sequence) keep the splats they got at conversion, and stage 1 trains them like the others
+        every = banks(self.model)
+        report = calibrate_banks({n: b for n, b in every.items() if n in vectors}, vectors,
+                                 (self.s.initializer, self.s.initializer_params), seed=self.s.seed)
         self.timings["calibration_s"] = time.perf_counter() - t0
-        self.report["calibration"] = report.to_dict()
+        self.report["calibration"] = {**report.to_dict(), "not_calibrated": sorted(set(every) - set(vectors))}
 
     def eval_layers(self, label: str) -> None:
         if self.eval_batches:
@@ -385,8 +396,7 @@ class Distiller:
         return loss
 
     def stage2(self, resume: dict[str, Any] | None) -> None:
-        from gsa_plugins.adapters import gsa_layers, set_passthrough
-        from gsa_plugins.adapters.base import original_model_type
+        from gsa_plugins.adapters import adapter_for, gsa_layers, set_passthrough
 
         kind, steps = self.s.stage2, self.s.stage2_steps
         loss_name = self._task_loss()
@@ -400,10 +410,10 @@ class Distiller:
         if kind == "lora":
             from peft import LoraConfig, get_peft_model
 
-            targets = self.s.lora_targets or LORA_TARGETS.get(original_model_type(self.model) or "")
+            targets = self.s.lora_targets or adapter_for(self.model).lora_targets(self.model)
             if not targets:
-                raise ValueError(f"no default LoRA targets for model type {original_model_type(self.model)!r}: set "
-                                 f"lora_targets (defaults exist for {', '.join(sorted(LORA_TARGETS))})")
+                raise ValueError(f"adapter {adapter_for(self.model).name!r} names no LoRA target modules for this "
+                                 "model: set lora_targets")
             lora = LoraConfig(r=self.s.lora_rank, lora_alpha=self.s.lora_alpha, target_modules=targets,
                               lora_dropout=0.0)
             torch.manual_seed(self.s.seed + 1)  # LoRA's init draws from the global generator: same on every rank
@@ -539,4 +549,4 @@ def distill(settings: DistillSettings | Mapping[str, Any], *, model: nn.Module |
     return runner
 
 
-__all__ = ["LORA_TARGETS", "SCHEMA", "Distiller", "batch_order", "distill", "load_source", "training_texts"]
+__all__ = ["SCHEMA", "Distiller", "batch_order", "distill", "load_source", "training_texts"]
