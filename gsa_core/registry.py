@@ -1,4 +1,4 @@
-"""The component registry: strategies by ``(kind, name)``, contributed by pluggy plugins.
+"""The component registry: strategies by ``(kind, name)``, and ``gsa`` commands, contributed by pluggy plugins.
 
 Plugins are discovered lazily through the ``gsa.plugins`` entry-point group, the same path for
 built-ins (``gsa_plugins``) and third parties. Environment switches:
@@ -23,6 +23,7 @@ import pluggy
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from gsa_core.commands import GROUPS, CommandSet, CommandSpec
 from gsa_core.errors import DuplicateComponentError, ParamsError, UnknownComponentError, UnknownKindError
 from gsa_core.hookspecs import ENTRY_POINT_GROUP, PROJECT, GSAHookSpecs
 from gsa_core.protocols import KINDS, PROTOCOLS
@@ -115,6 +116,8 @@ class Registry:
         self._pm.add_hookspecs(GSAHookSpecs)
         self._loaded = False
         self._loading: _Loading | None = None
+        self._loaded_plugins: list[tuple[Any, PluginInfo]] = []  # in load order, for the commands hook
+        self._commands: dict[str, dict[str, CommandSpec]] | None = None  # group -> name -> spec, on first use
 
     # ----------------------------------------------------------------- loading
     def ensure_loaded(self) -> None:
@@ -182,6 +185,9 @@ class Registry:
         finally:
             self._loading = previous
         self._plugins[info.name] = info
+        self._loaded_plugins.append((plugin, info))
+        if self._commands is not None:  # commands were already collected: add this plugin's now
+            self._collect_commands(plugin, info)
 
     def _rollback(self, loading: _Loading) -> None:
         for kind, name in loading.added:
@@ -238,6 +244,42 @@ class Registry:
     def unregister(self, kind: str, name: str) -> None:
         self.get(kind, name)
         del self._components[kind][name]
+
+    # ----------------------------------------------------------------- commands
+    def commands(self, group: str = "command") -> list[CommandSpec]:
+        """The ``gsa`` commands (``group="command"``) or ``gsa bench`` benchmarks (``"benchmark"``) that
+        plugins add through ``gsa_register_commands``, in plugin load order. Nothing is imported for them
+        until a command runs (:meth:`CommandSpec.load`)."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown command group {group!r}; groups: {', '.join(GROUPS)}")
+        self.ensure_loaded()
+        if self._commands is None:
+            self._commands = {g: {} for g in GROUPS}
+            for plugin, info in self._loaded_plugins:
+                self._collect_commands(plugin, info)
+        return list(self._commands[group].values())
+
+    def _collect_commands(self, plugin: Any, info: PluginInfo) -> None:
+        """Call one plugin's ``gsa_register_commands``; a hook that raises, or a name already taken, is
+        skipped with a :class:`GSAPluginWarning` and everything else keeps working."""
+        assert self._commands is not None
+        cli = CommandSet(info)
+        try:
+            for impl in self._pm.hook.gsa_register_commands.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(cli=cli)
+        except Exception as exc:
+            warnings.warn(f"the commands of GSA {info.describe()} were skipped: gsa_register_commands raised "
+                          f"{type(exc).__name__}: {exc}", GSAPluginWarning, stacklevel=3)
+            return
+        for spec in cli.specs:
+            taken = self._commands[spec.group].get(spec.name)
+            if taken is not None:
+                where = "gsa bench " if spec.group == "benchmark" else "gsa "
+                warnings.warn(f"'{where}{spec.name}' is registered twice, first by {taken.provider.describe()}, "
+                              f"then by {info.describe()}; the first is kept", GSAPluginWarning, stacklevel=3)
+                continue
+            self._commands[spec.group][spec.name] = spec
 
     # ----------------------------------------------------------------- queries
     def _check_kind(self, kind: str) -> None:

@@ -9,12 +9,17 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
 from gsa_bench import attention, timing
+
+from gsa_core.masks import MASK_KINDS
+from gsa_core.registry import StrategyParams
+from gsa_plugins.backends.dense import DenseBackend, DenseParams
 
 TINY = ["--quick", "--sizes", "128,256", "--heads", "2", "--decode-contexts", "128,256", "--decode-steps", "5",
         "--decode-warmup", "1", "--repeats", "1", "--max-case-seconds", "1", "--matmul-size", "256",
@@ -37,7 +42,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_quick_run_writes_json_and_png(quick_run: tuple[Path, dict]) -> None:
     out, report = quick_run
     assert (out / "attention.png").stat().st_size > 0
-    for key in ("schema", "started_at", "finished_at", "command", "settings", "environment", "matmul",
+    for key in ("schema", "started", "finished", "command", "settings", "environment", "matmul",
                 "peak_memory_method", "flop_formulas", "results", "decode", "ratios", "targets",
                 "registered_backends", "loadavg_1m", "profile"):
         assert key in report, key
@@ -128,3 +133,40 @@ def test_measure_budget_and_sizes() -> None:
     assert attention.parse_sizes("1k,64k") == [1024, 65536]
     with pytest.raises(argparse.ArgumentTypeError):
         attention.parse_sizes("abc")
+
+
+class _Uncounted(StrategyParams):
+    """The dense backend under another name, with no FLOP count of its own."""
+
+    name: ClassVar[str] = "uncounted"
+    supported_masks: ClassVar[frozenset[str]] = frozenset(MASK_KINDS)
+
+    def forward(self, q, k, v, bank, mask):
+        return DenseBackend(DenseParams()).forward(q, k, v, bank, mask)
+
+
+class _Counted(_Uncounted):
+    name: ClassVar[str] = "counted"
+
+    def flops(self, batch, heads, n_q, n_k, head_dim, value_dim, causal, bank):
+        """One FLOP per query-key pair and head (a made-up count)."""
+        return float(batch * heads * n_q * n_k)
+
+
+def test_a_new_backend_reports_its_own_flops(gsa_registry, tmp_path: Path) -> None:
+    """A third-party backend gets FLOP figures from its own ``flops`` method, with no benchmark edit; one without
+    the method is timed and gets none."""
+    gsa_registry.register("backend", "counted", _Counted)
+    gsa_registry.register("backend", "uncounted", _Uncounted)
+    argv = ["--quick", "--no-isolate", "--sizes", "32", "--heads", "2", "--head-dim", "8", "--splats", "4",
+            "--backends", "counted,uncounted", "--no-decode", "--repeats", "1", "--matmul-size", "64", "--quiet",
+            "--out", str(tmp_path)]
+    assert attention.run(_args(argv)) == 0
+    report = json.loads((tmp_path / "attention.json").read_text())
+    rows = {(r["backend"], r["mode"]): r for r in report["results"]}
+    assert rows[("counted", "fwd")]["flops"] == 2 * 32 * 32
+    assert rows[("counted", "fwd+bwd")]["flops"] == 3 * 2 * 32 * 32
+    assert rows[("counted", "fwd")]["gflops"] > 0
+    assert rows[("uncounted", "fwd")]["status"] == "ok" and rows[("uncounted", "fwd")]["flops"] is None
+    assert "gflops" not in rows[("uncounted", "fwd")]
+    assert report["flop_methods"] == {"counted": "One FLOP per query-key pair and head (a made-up count)."}

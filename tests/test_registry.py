@@ -44,7 +44,8 @@ def test_builtins_come_through_the_entry_point():
         assert plugins["builtin"].version
         assert {"random"} <= set(reg.names("initializer"))
         assert {"dense", "auto"} <= set(reg.names("backend"))
-        assert all(c.provider.name == "builtin" for c in reg.components())
+        assert all(c.provider.distribution == "gaussian-splat-attention" for c in reg.components())
+        assert {reg.get("backend", "dense").provider.name, reg.get("adapter", "bert").provider.name} == {"builtin"}
 
 
 def test_unknown_name_lists_names_and_suggests():
@@ -102,7 +103,8 @@ def test_broken_plugin_import_warns_and_rest_works(fake_dist):
             names = reg.names("scheduler")
         assert "every" in names and "interval" in names
         status = {p.name: p.status for p in reg.plugins()}
-        assert status == {"broken": "failed", "builtin": "loaded", "good": "loaded"}
+        assert status["broken"] == "failed" and status["good"] == "loaded" and status["builtin"] == "loaded"
+        assert all(s == "loaded" for name, s in status.items() if name != "broken")
 
 
 def test_plugin_whose_hook_raises_is_rolled_back(fake_dist):
@@ -210,3 +212,92 @@ def test_empty_registry_fixture(gsa_empty_registry):
     never = type("Never", (NoParams,), {"should_refine": Always.should_refine})
     gsa_empty_registry.register("scheduler", "noparams", never)
     assert gsa_empty_registry.names("scheduler") == ["always", "noparams"]
+
+
+# ----------------------------------------------------------------------------- commands (gsa_register_commands)
+COMMAND_PLUGIN = """
+from gsa_core import hookimpl
+
+def configure(parser):
+    parser.add_argument("--name", default="world")
+    parser.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
+
+@hookimpl
+def gsa_register_commands(cli):
+    cli.command("{name}", "{module}:configure", help="say hello")
+    cli.benchmark("{name}-bench", configure, help="a benchmark")
+"""
+
+
+def command_plugin(name: str, module: str) -> str:
+    return COMMAND_PLUGIN.replace("{name}", name).replace("{module}", module)
+
+
+def test_builtin_commands_and_benchmarks_come_through_entry_points():
+    with scoped_registry() as reg:
+        commands = {c.name: c for c in reg.commands("command")}
+        assert {"plugins", "config", "train", "convert", "distill", "bench", "chat"} <= set(commands)
+        assert {c.provider.name for c in commands.values()} == {"cli"}
+        assert commands["train"].provider.distribution == "gaussian-splat-attention"
+        assert commands["train"].target == "gsa_cli.commands_train:add_arguments"
+        benchmarks = {c.name: c for c in reg.commands("benchmark")}
+        assert {"attention", "init", "adaptation", "decode", "distill_bert", "distill_causal"} <= set(benchmarks)
+        assert {c.provider.name for c in benchmarks.values()} == {"bench"}
+        with pytest.raises(ValueError, match="unknown command group 'benchmarks'"):
+            reg.commands("benchmarks")
+
+
+def test_a_plugin_adds_a_command_and_a_benchmark(fake_dist):
+    fake_dist("hello-plugin", "1.2", {"hello": "hello_mod"}, {"hello_mod": command_plugin("hello", "hello_mod")})
+    with scoped_registry() as reg:
+        command = next(c for c in reg.commands("command") if c.name == "hello")
+        assert (command.provider.name, command.provider.distribution, command.help) == ("hello", "hello-plugin",
+                                                                                       "say hello")
+        assert "hello_mod" in sys.modules  # the plugin module itself, imported to find its hook
+        assert callable(command.load())
+        bench = next(c for c in reg.commands("benchmark") if c.name == "hello-bench")
+        assert bench.load() is command.load()
+
+
+def test_a_command_hook_that_fails_warns_and_the_rest_works(fake_dist):
+    source = SCHEDULER_PLUGIN.replace("{name}", "every") + """
+@hookimpl
+def gsa_register_commands(cli):
+    import not_a_module_xyz
+"""
+    fake_dist("half-plugin", "1.0", {"half": "half_mod"}, {"half_mod": source})
+    with scoped_registry() as reg:
+        with pytest.warns(GSAPluginWarning, match=r"the commands of GSA plugin 'half' \(half-plugin 1.0\) were "
+                                                  r"skipped: gsa_register_commands raised ModuleNotFoundError"):
+            names = [c.name for c in reg.commands("command")]
+        assert "train" in names
+        assert "every" in reg.names("scheduler")  # its components are unaffected
+
+
+def test_a_duplicate_command_warns_and_the_first_is_kept(fake_dist):
+    fake_dist("dup-cmd", "0.1", {"zz-dup": "dup_cmd_mod"}, {"dup_cmd_mod": command_plugin("train", "dup_cmd_mod")})
+    with scoped_registry() as reg:
+        with pytest.warns(GSAPluginWarning, match=r"'gsa train' is registered twice, first by plugin 'cli'.*then by "
+                                                  r"plugin 'zz-dup' \(dup-cmd 0.1\); the first is kept"):
+            train = next(c for c in reg.commands("command") if c.name == "train")
+        assert train.provider.name == "cli"
+
+
+def test_bad_command_names_are_rejected(fake_dist):
+    source = command_plugin("two words", "bad_name_mod")
+    fake_dist("bad-name", "0.1", {"badname": "bad_name_mod"}, {"bad_name_mod": source})
+    with scoped_registry() as reg, pytest.warns(GSAPluginWarning, match="command names are non-empty words"):
+        assert "two words" not in [c.name for c in reg.commands("command")]
+
+
+def test_a_directly_loaded_plugin_adds_commands_after_collection(gsa_registry, tmp_path, monkeypatch):
+    (tmp_path / "late_mod.py").write_text(command_plugin("late", "late_mod"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "late" not in [c.name for c in gsa_registry.commands("command")]
+    import late_mod
+
+    try:
+        gsa_registry.load_plugin(late_mod)
+        assert "late" in [c.name for c in gsa_registry.commands("command")]
+    finally:
+        sys.modules.pop("late_mod", None)

@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import gsa_common
+from gsa_bench.scaffold import Benchmark, Run, log
 
-SCHEMA = "gsa-bench-adaptation/1"
+SCHEMA = "gsa-bench-adaptation/2"  # 2: the scaffold's run metadata (started, finished, loadavg_1m)
 
 #: Adaptation variants compared with "off". Each is an ``adaptation`` config section (enabled implied).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -354,9 +352,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from gsa_bench import timing
-
+def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -366,18 +362,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             r = train_run(args, name, seed)
             runs.append(r)
-            if not args.quiet:
-                print(f"seed {seed} {name:>20}: pre {r['pre_shift_loss']:.4f} after {r['loss_after_shift']:.4f} "
+            log(args, f"seed {seed} {name:>20}: pre {r['pre_shift_loss']:.4f} after {r['loss_after_shift']:.4f} "
                       f"final {r['final_loss']:.4f} recover {r['steps_to_recover']} births "
-                      f"{r['refines']['births']} deaths {r['refines']['deaths']} ({r['seconds']:.0f}s)",
-                      file=sys.stderr, flush=True)
+                      f"{r['refines']['births']} deaths {r['refines']['deaths']} ({r['seconds']:.0f}s)")
     overhead = measure_overhead(args) if not args.no_overhead else None
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
     return {
         "schema": SCHEMA,
-        "created": gsa_common.utc_now(),
-        "environment": timing.environment(),
-        "load_average": gsa_common.load_average(),
         "settings": settings,
         "variants": {n: VARIANTS[n] for n in names},
         "task": __doc__.split("\n\n")[1],
@@ -387,15 +378,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     settings = report["settings"]
     shift = settings["shift_at"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -444,18 +432,9 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict[str, Any], out: Path) -> tuple[Path, Path | None]:
-    from gsa_bench.report import write_report
-
-    return write_report(report, out, "adaptation"), plot(report, out / "adaptation.png")
-
-
 # ----------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gsa bench adaptation`` / ``python -m gsa_bench.adaptation``."""
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps, two variants")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="output folder for adaptation.json and adaptation.png (default benchmarks/results/)")
+def options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gsa bench adaptation`` besides the scaffold's."""
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None,
                         help="comma list of seeds (default 0,1,2)")
     parser.add_argument("--variants", default=None, help=f"comma list from: {', '.join(VARIANTS)} "
@@ -491,13 +470,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-batch", type=int, default=4)
     parser.add_argument("--overhead-model", type=lambda t: tuple(int(x) for x in t.split("x")), default=(2, 128),
                         metavar="LAYERSxWIDTH", help="the transformer of the overhead measurement (default 2x128)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the per-step work is small, and on a shared machine more "
-                        "threads mostly wait for each other; 0 keeps torch's default)")
-    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="do not train: re-render the summary and plot from an existing adaptation.json")
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(handler=run)
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:
@@ -519,30 +491,10 @@ def _apply_defaults(args: argparse.Namespace) -> None:
         raise SystemExit("--shift-at must lie inside (0, --steps)")
 
 
-def run(args: argparse.Namespace) -> int:
-    _apply_defaults(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-        args.out.mkdir(parents=True, exist_ok=True)
-        plot(report, args.out / "adaptation.png")
-    else:
-        report = run_benchmark(args)
-        json_path, png_path = write_outputs(report, args.out)
-        if not args.quiet:
-            print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
-    print(summary_text(report))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gsa_bench.adaptation", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+# 1 thread by default: the per-step work is small, and on a shared machine more threads mostly wait for each other
+BENCHMARK = Benchmark("adaptation", __doc__.split("\n\n")[0], options, measure, plot=plot, summary=summary_text,
+                      prepare=_apply_defaults, threads=1, quick_help="smoke run: 1 seed, few steps, two variants")
+add_arguments, run, main = BENCHMARK.add_arguments, BENCHMARK.run, BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

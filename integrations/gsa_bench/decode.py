@@ -24,14 +24,14 @@ import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gsa_common
 
 from gsa_bench import timing
-from gsa_bench.attention import parse_sizes
+from gsa_bench.args import parse_sizes
+from gsa_bench.scaffold import Benchmark, Run, log
 
 SCHEMA = "gsa-bench-decode/1"
 CASE_TARGET = "gsa_bench.decode:run_case"
@@ -192,10 +192,9 @@ def summarise(settings: dict[str, Any], cases: list[dict[str, Any]]) -> dict[str
     return out
 
 
-def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str, Any]:
+def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    isolate = not args.no_isolate
     settings = settings_from_args(args)
-    load_start = gsa_common.load_average()
-    started = gsa_common.utc_now()
     cases = []
     for context in settings["contexts"]:
         for kind in MODELS:
@@ -208,8 +207,7 @@ def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str
             result.setdefault("context", context)
             result["loadavg_1m_after"] = gsa_common.load_average()
             cases.append(result)
-            if not args.quiet:
-                print(_case_line(result), file=sys.stderr)
+            log(args, _case_line(result))
     return {
         "schema": SCHEMA,
         "what": "decode time per token and cache memory against context: the original GPT-Neo (softmax, "
@@ -241,10 +239,6 @@ def run_benchmark(args: argparse.Namespace, *, isolate: bool = True) -> dict[str
             "isolation": "each (model, context) case in a fresh process" if isolate else "in-process (smoke run)",
             "threads": settings["threads"],
         },
-        "started": started,
-        "finished": gsa_common.utc_now(),
-        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
-        "environment": timing.environment(),
         "cases": cases,
         "summary": summarise(settings, cases),
     }
@@ -259,15 +253,12 @@ def _case_line(c: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
-def plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in MODELS:
         cs = sorted((c for c in report["cases"] if c["model"] == kind and c.get("status") == "ok"),
@@ -325,18 +316,9 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict[str, Any], out: Path) -> tuple[Path, Path | None]:
-    from gsa_bench.report import write_report
-
-    return write_report(report, out, "decode"), plot(report, out / "decode.png")
-
-
 # ----------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gsa bench decode`` / ``python -m gsa_bench.decode``."""
-    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, contexts 16,32,64, 4 steps")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="output folder for decode.json and decode.png (default benchmarks/results/)")
+def options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gsa bench decode`` besides the scaffold's."""
     parser.add_argument("--contexts", type=parse_sizes, default=None,
                         help="contexts: '512,1k' or a power-of-two range '512-16k' (default 512-16k)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32)")
@@ -344,29 +326,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splats", type=int, default=64, help="splats per head K of the GSA layers (default 64)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="tokens per prefill forward, both models (default 512)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per case (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--case-timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="kill a case that runs longer than this (default 1800)")
     parser.add_argument("--no-isolate", action="store_true", help="run the cases in this process")
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    report = run_benchmark(args, isolate=not args.no_isolate)
-    json_path, png_path = write_outputs(report, args.out)
-    if not args.quiet:
-        print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
-    print(summary_text(report))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gsa_bench.decode", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+BENCHMARK = Benchmark("decode", __doc__.split("\n\n")[0], options, measure, plot=plot, summary=summary_text,
+                      threads=2, quick_help="smoke run: a tiny model, contexts 16,32,64, 4 steps")
+add_arguments, run, main = BENCHMARK.add_arguments, BENCHMARK.run, BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

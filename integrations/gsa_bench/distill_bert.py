@@ -23,40 +23,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import gsa_common
 from gsa_common import json_object_arg
 
-from gsa_bench.report import MINILM_NAME
+from gsa_bench.args import csv_list, int_list
+from gsa_bench.minilm import MINILM_NAME
+from gsa_bench.scaffold import Benchmark, Run
+from gsa_bench.scaffold import log as _log
 
 SCHEMA = "gsa-bench-distill-bert/1"
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -95,21 +76,15 @@ def token_stats(batches: Sequence[dict[str, Any]], windows: Sequence[int]) -> di
 
 
 # ----------------------------------------------------------------------------- run
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     import torch
     from gsa_calibrate.collect import token_batches
     from gsa_distill import distill, embedding_agreement, sentence_embeddings
     from transformers import AutoModel, AutoTokenizer
 
-    from gsa_bench import timing
-    from gsa_bench.report import minilm_path
+    from gsa_bench.minilm import minilm_path
     from gsa_plugins.adapters import convert, set_passthrough
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = gsa_common.utc_now()
-    load_start = gsa_common.load_average()
     model_path = minilm_path(args.model)
     original = AutoModel.from_pretrained(model_path, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -139,37 +114,35 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     **budget}
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        run = distill(settings, model=copy.deepcopy(original), tokenizer=tokenizer, log=lambda m: None)
+        runner = distill(settings, model=copy.deepcopy(original), tokenizer=tokenizer, log=lambda m: None)
         wall = time.perf_counter() - t0
-        got = sentence_embeddings(run.model, batches)
+        got = sentence_embeddings(runner.model, batches)
         row: dict[str, Any] = {"splats": k, "initializer": init, "window": window, "budget": "best" if is_best else
                                "grid", "settings": {key: settings[key] for key in sorted(settings) if key != "source"},
-                               "distill_s": wall, "timings": run.report["timings"],
+                               "distill_s": wall, "timings": runner.report["timings"],
                                **embedding_agreement(reference, got)}
-        if run.report.get("stage2", {}).get("kind") in ("lora", "full"):
+        if runner.report.get("stage2", {}).get("kind") in ("lora", "full"):
             # stage 2 moved the host's weights: how far its exact-attention (passthrough) embeddings moved
-            set_passthrough(run.model, True)
-            row["host_passthrough"] = embedding_agreement(reference, sentence_embeddings(run.model, batches))
-            set_passthrough(run.model, False)
-        row["stage1_final_rel_mse"] = run.report["stage1"]["history"][-1]["rel_mse"] if run.report["stage1"][
+            set_passthrough(runner.model, True)
+            row["host_passthrough"] = embedding_agreement(reference, sentence_embeddings(runner.model, batches))
+            set_passthrough(runner.model, False)
+        row["stage1_final_rel_mse"] = runner.report["stage1"]["history"][-1]["rel_mse"] if runner.report["stage1"][
             "history"] else None
-        if "stage2" in run.report:
-            hist = run.report["stage2"]["history"]
+        if "stage2" in runner.report:
+            hist = runner.report["stage2"]["history"]
             row["stage2_final_loss"] = hist[-1]["loss"] if hist else None
         results.append(row)
         _log(args, f"[{i + 1}/{len(grid)}] K={k:<3} {init:>6} window={window:<3} cosine {row['cosine_mean']:.4f} "
                    f"NN agreement {row.get('nn_agreement', float('nan')):.3f}  ({wall:.0f} s)")
-        partial = _report(args, started, load_start, data_info, results, timing)
-        write_outputs(partial, args.out)
-    return _report(args, started, load_start, data_info, results, timing)
+        run.save(_report(args, data_info, results))  # partial results after each run of the grid
+    return _report(args, data_info, results)
 
 
-def _report(args: argparse.Namespace, started: str, load_start: Any, data_info: dict[str, Any],
-            results: list[dict[str, Any]], timing: Any) -> dict[str, Any]:
+def _report(args: argparse.Namespace, data_info: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     return {
-        "schema": SCHEMA, "started": started, "finished": gsa_common.utc_now(),
+        "schema": SCHEMA,
         "model": {"name": MINILM_NAME if args.model is None else str(args.model), "layers_converted": 6,
                   "teacher_attention": "sdpa"},
         "definitions": {
@@ -194,8 +167,6 @@ def _report(args: argparse.Namespace, started: str, load_start: Any, data_info: 
                      "grid_settings": args.grid_settings, "best": args.best, "seed": args.seed,
                      "threads": torch.get_num_threads(), "max_length": args.max_length, **data_info},
         "results": results,
-        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
-        "environment": timing.environment(),
     }
 
 
@@ -223,18 +194,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    from gsa_bench.report import write_report
-
-    return write_report(report, out_dir, "distill_bert", markdown=markdown_table(report))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gsa bench distill_bert``."""
-    parser.add_argument("--splats", type=_int_list, default=[16, 64], help="K values (default 16,64)")
-    parser.add_argument("--initializers", type=_csv, default=["kmeans", "pca", "random"],
+def options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gsa bench distill_bert`` besides the scaffold's."""
+    parser.add_argument("--splats", type=int_list(1), default=[16, 64], help="K values (default 16,64)")
+    parser.add_argument("--initializers", type=csv_list, default=["kmeans", "pca", "random"],
                         help="registered initializers (default kmeans,pca,random)")
-    parser.add_argument("--windows", type=_int_list, default=[0, 16],
+    parser.add_argument("--windows", type=int_list(0), default=[0, 16],
                         help="exact window sizes, 0 = none (default 0,16)")
     parser.add_argument("--init-params", type=json_object_arg, default={}, metavar="JSON",
                         help='params per initializer (default {"scale_factor": 4.0} for each)')
@@ -251,18 +216,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="stdlib")
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--model", default=None, help="a local BERT model folder (default: the packaged MiniLM)")
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: K=16, kmeans, no window, 3 steps, 64 sentences")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="do not measure: re-render the table from an existing distill_bert.json")
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> None:
     if args.quick:
         args.splats, args.initializers, args.windows, args.pool = [16], ["kmeans"], [0], min(args.pool, 64)
         args.grid_settings = {**args.grid_settings, "stage1_steps": 3, "calib_tokens": 500}
@@ -270,19 +227,11 @@ def run(args: argparse.Namespace) -> int:
     if args.best is not None and not (isinstance(args.best.get("key"), list) and len(args.best["key"]) == 3
                                       and isinstance(args.best.get("settings"), dict)):
         raise SystemExit('--best must be {"key": [K, initializer, window], "settings": {...}}')
-    if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-    else:
-        report = run_benchmark(args)
-        _log(args, f"wrote {write_outputs(report, args.out)}")
-    print(markdown_table(report))
-    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gsa_bench.distill_bert", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+BENCHMARK = Benchmark("distill_bert", __doc__.split("\n\n")[0], options, measure, markdown=markdown_table,
+                      prepare=prepare, quick_help="smoke run: K=16, kmeans, no window, 3 steps, 64 sentences")
+add_arguments, run, main = BENCHMARK.add_arguments, BENCHMARK.run, BENCHMARK.main
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from gsa_bench.scaffold import Benchmark, Run
 
 TARGET_RATIO = 1.05
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gsa bench distill_causal``."""
+def options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gsa bench distill_causal`` besides the scaffold's."""
     parser.add_argument("--layout", default="reference", help="gsa_train layout (default reference)")
     parser.add_argument("--corpus", default="stdlib", help="stdlib, or a folder of .txt files")
     parser.add_argument("--steps", type=int, default=150, help="training steps of each model trained (softmax, GSA)")
@@ -48,15 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also distil with the global layers hybrid (exact over the last window_size keys)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a softmax model saved by gsa train (its train.json is read) instead of training one")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core machine more threads ran slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/distill_causal"), help="folder for the models")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="do not measure: re-render the table from an existing distill_causal.json")
     parser.add_argument("--progress", action="store_true", help="progress bars")
-    parser.set_defaults(handler=run)
 
 
 def _gsa_config(args: argparse.Namespace, global_mode: str = "gsa") -> dict[str, Any]:
@@ -126,21 +122,15 @@ class _Clock:
         return phase()
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     import torch
-    from gsa_common import load_average, utc_now
     from gsa_train.data import encode_blocks, load_texts
     from gsa_train.distributed import DataParallel
     from gsa_train.loop import DEFAULT_GSA, evaluate, load_trained, train
     from transformers import AutoTokenizer
 
-    from gsa_bench.timing import environment
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dp = DataParallel()  # one process: the benchmark measures quality, not scaling
     clock = _Clock()
-    started = utc_now()
     common = {"corpus": args.corpus, "layout": args.layout, "steps": args.steps, "batch_size": args.batch_size,
               "block_len": args.block_len, "lr": args.lr, "seed": args.seed, "eval_blocks": args.eval_blocks,
               "progress": args.progress, "log_every": 25}
@@ -183,14 +173,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["scratch_ratio"] = results["scratch_gsa_ppl"] / results["softmax_ppl"]
         results["scratch_adaptation"] = (gsa.get("adaptation") or {}).get("refines")
     return {
-        "benchmark": "distill_causal", "started": started, "finished": utc_now(),
+        "benchmark": "distill_causal",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
         "layout": soft["layout"], "parameters": soft["parameters"], "corpus": soft["corpus"],
         "gsa_config": _gsa_config(args), "target_ratio": TARGET_RATIO, "results": results,
         "softmax_history": soft["history"], "phases": clock.phases,
         "total_cpu_s": round(sum(p["cpu_s"] for p in clock.phases.values()), 1),
         "total_wall_s": round(sum(p["wall_s"] for p in clock.phases.values()), 1),
-        "load_average_end": load_average(), "torch_threads": torch.get_num_threads(), "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -212,6 +202,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += [f"| {name} | {p:.2f} | {q:.3f} |" for name, p, q in rows]
     lay, corpus = report["layout"], report["corpus"]
     phases = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in report["phases"].items())
+    load_end = report["loadavg_1m"]["end"] if "loadavg_1m" in report else report.get("load_average_end")  # older runs
     note = (f"\nLayout `{lay['name']}` (hidden {lay['hidden_size']}, {lay['num_layers']} layers alternating "
             f"global/local, {lay['num_heads']} heads, window {lay['window_size']}; {report['parameters']:,} "
             f"parameters), {st['steps']} steps x {st['batch_size']} x {st['block_len']} tokens, "
@@ -219,31 +210,14 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"K={st['splats']}), local layers exact; distillation {st['stage1_steps']} + {st['stage2_steps']} "
             f"steps. Target ratio <= {report['target_ratio']}: {'met' if r['target_met'] else 'not met'} "
             f"(ratio {r['ratio']:.3f}). Wall time: {phases}; {report['total_cpu_s']:.0f} s CPU in all, "
-            f"{report['torch_threads']} torch threads, load average {report['load_average_end']} at the end.")
+            f"{report['torch_threads']} torch threads, load average {load_end} at the end.")
     return "\n".join(lines) + "\n" + note
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    from gsa_bench.report import write_report
-
-    return write_report(report, out_dir, "distill_causal", markdown=markdown_table(report))
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-    else:
-        report = run_benchmark(args)
-        write_outputs(report, args.out)
-    print(markdown_table(report))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gsa_bench.distill_causal", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
+# 1 thread by default: on a shared 2-core machine more threads ran slower
+BENCHMARK = Benchmark("distill_causal", __doc__.split("\n\n")[0], options, measure, markdown=markdown_table,
+                      threads=1)
+add_arguments, run, main = BENCHMARK.add_arguments, BENCHMARK.run, BENCHMARK.main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

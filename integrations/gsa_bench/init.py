@@ -29,21 +29,20 @@ Run: ``python -m gsa_bench.init [--quick] [--out DIR] [--markdown]`` or ``gsa be
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import gsa_common
 from gsa_common import json_object_arg
 
-from gsa_bench.report import MINILM_NAME
+from gsa_bench.args import csv_list, int_list, positive_float_list
+from gsa_bench.minilm import MINILM_NAME
+from gsa_bench.scaffold import Benchmark, Run
+from gsa_bench.scaffold import log as _log
 
 SCHEMA = "gsa-bench-init/1"
 DEFAULT_INITIALIZERS = "random,kmeans,pca"
@@ -71,36 +70,6 @@ def chi2_quantile(p: float, dof: int) -> float:
     z = statistics.NormalDist().inv_cdf(p)
     c = 2.0 / (9.0 * dof)
     return dof * (1.0 - c + z * math.sqrt(c)) ** 3
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
-
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -230,20 +199,14 @@ def evaluate_baselines(layers: Sequence[Any], captured: Sequence[dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------- run
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     import torch
     from gsa_calibrate import bert_attention_layers, collect_qk, make_banks, token_batches
     from transformers import AutoModel, AutoTokenizer
 
-    from gsa_bench import timing
-    from gsa_bench.report import minilm_path
+    from gsa_bench.minilm import minilm_path
     from gsa_core.calibration import calibrate_banks, gsa_input_scale
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = gsa_common.utc_now()
-    load_start = gsa_common.load_average()
     model_path = minilm_path(args.model)
     model = AutoModel.from_pretrained(model_path, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -300,8 +263,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     uniform_errs = [r["rel_err"] for r in baselines["uniform"].values()]
     return {
         "schema": SCHEMA,
-        "started": started,
-        "finished": gsa_common.utc_now(),
         "model": {"name": MINILM_NAME if args.model is None
                   else str(args.model), "attn_implementation": "eager", "layers": [lay.name for lay in layers],
                   "heads": layers[0].n_heads, "head_dim": head_dim, "teacher_scaling": layers[0].scaling,
@@ -335,8 +296,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "baselines": {"uniform": {"rel_err_mean": statistics.fmean(uniform_errs), "layers": baselines["uniform"]}},
         "capture_check_rel_err": baselines["capture_check_rel_err"],
         "results": results,
-        "loadavg_1m": {"start": load_start, "end": gsa_common.load_average()},
-        "environment": timing.environment(),
     }
 
 
@@ -372,21 +331,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> Path:
-    from gsa_bench.report import write_report
-
-    return write_report(report, out_dir, "init", markdown=markdown_table(report))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gsa bench init`` / ``python -m gsa_bench.init``."""
-    parser.add_argument("--initializers", type=_csv, default=_csv(DEFAULT_INITIALIZERS),
+def options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gsa bench init`` besides the scaffold's."""
+    parser.add_argument("--initializers", type=csv_list, default=csv_list(DEFAULT_INITIALIZERS),
                         help=f"comma list of registered initializers (default {DEFAULT_INITIALIZERS})")
-    parser.add_argument("--splats", type=_int_list, default=_int_list(DEFAULT_SPLATS),
+    parser.add_argument("--splats", type=int_list(1), default=int_list(1)(DEFAULT_SPLATS),
                         help=f"splats per head K, comma list (default {DEFAULT_SPLATS})")
     parser.add_argument("--covariance", choices=("isotropic", "diagonal", "full"), default="diagonal",
                         help="covariance kind of the banks (default diagonal)")
-    parser.add_argument("--scale-factors", type=_float_list, default=_float_list(DEFAULT_SCALE_FACTORS),
+    parser.add_argument("--scale-factors", type=positive_float_list, default=positive_float_list(DEFAULT_SCALE_FACTORS),
                         help="scale_factor params measured for every initializer (splat std as a multiple of the "
                         f"initializer's own width; default {DEFAULT_SCALE_FACTORS})")
     parser.add_argument("--init-params", type=json_object_arg, default={}, metavar="JSON",
@@ -404,20 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coverage ellipsoid mass (default 0.99)")
     parser.add_argument("--model", default=None,
                         help="a local BERT-family model folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2000 calibration tokens, 16 passages")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="output folder for init.json and init.md (default benchmarks/results/)")
-    parser.add_argument("--markdown", action="store_true", help="print only the markdown table")
-    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="do not measure: re-render the table from an existing init.json")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure (or load ``--from-json``), write ``init.json`` and ``init.md`` to ``--out``, print the table."""
+def prepare(args: argparse.Namespace) -> None:
     if args.quick:
         args.calib_tokens = min(args.calib_tokens, 2000)
         args.eval_passages = min(args.eval_passages, 16)
@@ -425,28 +368,22 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--calib-tokens and --eval-passages must be >= 1")
     if not 0.0 < args.coverage_quantile < 1.0:
         raise SystemExit("--coverage-quantile must be in (0, 1)")
-    if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-    else:
-        report = run_benchmark(args)
-        path = write_outputs(report, args.out)
-        _log(args, f"wrote {path}")
-    if args.markdown:
-        print(markdown_table(report))
-    else:
-        print(markdown_table(report))
-        uni = report["baselines"]["uniform"]["rel_err_mean"]
-        best = min(report["results"], key=lambda r: r["rel_err_mean"], default=None)
-        if best is not None:
-            print(f"\nbest: {best['initializer']} K={best['splats']} mean rel. err {best['rel_err_mean']:.3f} "
-                  f"(uniform baseline {uni:.3f})")
-    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gsa_bench.init", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def summary(report: dict[str, Any]) -> str:
+    """The markdown table and the best initializer against the uniform baseline."""
+    text = markdown_table(report)
+    uni = report["baselines"]["uniform"]["rel_err_mean"]
+    best = min(report["results"], key=lambda r: r["rel_err_mean"], default=None)
+    if best is not None:
+        text += (f"\n\nbest: {best['initializer']} K={best['splats']} mean rel. err {best['rel_err_mean']:.3f} "
+                 f"(uniform baseline {uni:.3f})")
+    return text
+
+
+BENCHMARK = Benchmark("init", __doc__.split("\n\n")[0], options, measure, markdown=markdown_table, summary=summary,
+                      prepare=prepare, quick_help="smoke run: 2000 calibration tokens, 16 passages")
+add_arguments, run, main = BENCHMARK.add_arguments, BENCHMARK.run, BENCHMARK.main
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``gsa plugins list``: what is registered, by whom."""
+"""``gsa plugins list``: what is registered (components, commands, benchmarks), by whom."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_list(args: argparse.Namespace) -> int:
     registry = get_registry()
     components = registry.components(args.kind)
+    commands = [] if args.kind else [*registry.commands("command"), *registry.commands("benchmark")]
     plugins = registry.plugins()
     if args.json:
         print_json({
@@ -29,6 +30,9 @@ def run_list(args: argparse.Namespace) -> int:
                  "params": c.params_model.model_json_schema()}
                 for c in components
             ],
+            "commands": [{"group": c.group, "name": c.name, "help": c.help, "plugin": c.provider.name,
+                          "distribution": c.provider.distribution, "version": c.provider.version}
+                         for c in commands],
             "plugins": [p.__dict__ for p in plugins],
         })
         return 0
@@ -37,6 +41,10 @@ def run_list(args: argparse.Namespace) -> int:
         ["kind", "name", "plugin", "distribution", "description"],
         [(c.kind, c.name, c.provider.name, _dist(c.provider), c.description) for c in components],
     )
+    if commands:
+        print_table("commands", ["command", "plugin", "distribution", "help"],
+                    [(("gsa bench " if c.group == "benchmark" else "gsa ") + c.name, c.provider.name,
+                      _dist(c.provider), c.help) for c in commands])
     print_table("plugins", ["plugin", "distribution", "status", "module", "error"],
                 [(p.name, _dist(p), p.status, p.module, p.error) for p in plugins])
     return 0
