@@ -1,4 +1,5 @@
-"""Round trip of a real third-party plugin: install it, discover it, list it, select it, check it."""
+"""Round trip of a real third-party plugin: install it, discover it, list it, select it, check it, run its command
+and its benchmark."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def installed_example() -> Iterator[None]:
     already = _is_installed()
     if not already:
         _pip("install", "--no-deps", "--no-build-isolation", str(EXAMPLE))
+        shutil.rmtree(EXAMPLE / "build", ignore_errors=True)  # build artefacts of the non-editable install
     importlib.invalidate_caches()
     yield
     if not already:
@@ -93,3 +95,33 @@ def test_disabled_by_allow_list(installed_example, monkeypatch):
     monkeypatch.setenv("GSA_PLUGINS", "builtin")
     with scoped_registry() as reg:
         assert "geometric" not in reg.names("scheduler")
+
+
+def _gsa(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("gsa") or "gsa", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_adds_a_command(installed_example):
+    out = _gsa("example-schedule", "--params", '{"first": 50}', "--steps", "500")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["50", "100", "200", "400"]  # first * ratio^k, ratio 2
+    assert "example-schedule" in _gsa("--help").stdout
+    bad = _gsa("example-schedule", "--scheduler", "geometrik")
+    assert bad.returncode == 2 and "Did you mean 'geometric'" in bad.stderr and "Traceback" not in bad.stderr
+    listed = json.loads(_gsa("plugins", "list", "--json").stdout)["commands"]
+    entry = next(c for c in listed if c["name"] == "example-schedule")
+    assert (entry["group"], entry["plugin"], entry["distribution"]) == ("command", "example", "gsa-example-plugin")
+
+
+def test_adds_a_benchmark_on_the_scaffold(installed_example, tmp_path):
+    out = _gsa("bench", "schedulers", "--steps", "1000", "--out", str(tmp_path), "--quiet")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "schedulers.json").read_text())
+    assert report["schema"] == "gsa-example-schedulers/1" and report["steps"] == 1000
+    # geometric with its defaults (first 100, ratio 2) refines at 100, 200, 400, 800
+    assert report["schedulers"]["geometric"] == {"refines": 4, "first": 100}
+    assert {"interval", "decaying", "shift"} <= set(report["schedulers"])
+    for key in ("started", "finished", "loadavg_1m", "environment", "command"):  # the scaffold's run metadata
+        assert key in report, key
+    assert "| geometric | 4 | 100 |" in (tmp_path / "schedulers.md").read_text()
+    assert "| geometric | 4 | 100 |" in out.stdout
