@@ -10,6 +10,8 @@ Knows no model family and never imports ``transformers``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from gsa_core.bank import SplatBank
 from gsa_core.config import GSAConfig
-from gsa_core.errors import MaskNotSupportedError
+from gsa_core.errors import MaskNotSupportedError, NonFiniteInputError
 from gsa_core.masks import MaskSpec
 from gsa_core.registry import get_registry
 
@@ -59,6 +61,8 @@ class GSAAttention(nn.Module):
         self.backend_name = self.config.backend.name
         self.backend = self.config.backend.build()
         self.last_info: dict[str, Any] = {}
+        #: the layer's name in its model, when whoever builds it knows one: errors name it
+        self.label: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,9 +119,20 @@ class GSAAttention(nn.Module):
         n_k = k.shape[2]
         self.check_mask(mask, n_q, n_k)
         mask.check_shapes(batch, n_q, n_k)
-        out, info = self.backend.forward(q, k, v, self.bank, mask)
+        with self.naming_errors():
+            out, info = self.backend.forward(q, k, v, self.bank, mask)
         self.last_info = info
         return out
+
+    @contextlib.contextmanager
+    def naming_errors(self) -> Iterator[None]:
+        """Errors about the inputs raised inside name this layer (:attr:`label`), when it has one."""
+        try:
+            yield
+        except NonFiniteInputError as exc:
+            if self.label is None:
+                raise
+            raise exc.at_layer(self.label) from None
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}, backend={self.backend_name!r}"

@@ -78,3 +78,27 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
     """Closest valid choice to a misspelt name, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+class NonFiniteInputError(GSAError, ValueError):
+    """NaN or Inf in an attention input (DESIGN.md section 2): every backend raises it before any output.
+
+    Why an error rather than a NaN output: log-space GSA would spread a NaN key into every query that
+    shares a splat with it (causal masks do not stop it inside a chunk), and a silently changed output is
+    worse. ``tensor`` names the input (``q``, ``k``, ``v``), ``index`` the first bad element, ``layer``
+    the attention layer when the caller knows it (:meth:`at_layer`).
+    """
+
+    def __init__(self, tensor: str, value: float, index: tuple[int, ...], *, layer: str | None = None):
+        self.tensor, self.value, self.index, self.layer = tensor, value, index, layer
+        where = f"batch row {index[0]}, head {index[1]}, position {index[2]}" if len(index) == 4 else (
+            f"index {list(index)}")
+        at = f" in {layer}" if layer else ""
+        super().__init__(
+            f"non-finite value ({value}) in attention input {tensor!r}{at} at {where}: GSA attention needs finite "
+            "queries, keys and values; look for an overflow (fp16/bf16) or a NaN in the hidden states before it"
+        )
+
+    def at_layer(self, layer: str) -> NonFiniteInputError:
+        """The same error naming the layer it happened in (a layer re-raises what its backend found)."""
+        return self if self.layer else NonFiniteInputError(self.tensor, self.value, self.index, layer=layer)

@@ -1,4 +1,4 @@
-"""The six extension points. A plugin implements one of these and registers it by name.
+"""The extension points. A plugin implements one of these and registers it by name.
 
 Each docstring states the invariants an implementation must keep; ``gsa_core.testing`` has one
 check function per protocol that property-tests them.
@@ -125,6 +125,18 @@ class AttentionBackend(Protocol):
     tokens; padded keys change nothing and padded queries give zeros; non-causal attention is
     permutation-equivariant; finite outputs and gradients for finite inputs. ``supported_masks``
     lists the mask kinds (``gsa_core.masks.MASK_KINDS``) it can serve.
+
+    Numerics contract, the same in every backend: a NaN or Inf anywhere in ``q``, ``k`` or ``v`` raises
+    :class:`~gsa_core.errors.NonFiniteInputError` before any output (``gsa_core.numerics.check_finite``;
+    padded positions included); empty sequences (``n_q = 0``, ``n_k = 0`` or both) are valid and give
+    ``[B, H, n_q, d_v]`` zeros.
+
+    Optional methods, used when present:
+
+    - ``is_exact(bank) -> bool``: False when the backend changes the attention for this bank (``sparse``
+      with ``top_k`` below the alive slots); ``auto`` and decoding never substitute an inexact backend;
+    - ``flops(batch, heads, n_q, n_k, head_dim, value_dim, causal, bank) -> float``: the matmul FLOPs of one
+      forward (what benchmarks divide by the time to get a FLOP rate).
     """
 
     name: str
@@ -136,14 +148,62 @@ class AttentionBackend(Protocol):
 
 
 @runtime_checkable
-class RecurrentBackend(AttentionBackend, Protocol):
-    """A backend that can also decode token by token from a state.
+class RecurrentState(Protocol):
+    """A recurrent backend's state for a batch of sequences (``gsa_core.recurrent.BatchState`` is one).
 
-    Invariant: ``prefill(n)`` then ``step`` for ``m`` tokens equals one causal ``forward`` over
-    ``n + m`` tokens. A constant-memory backend's state size does not depend on sequence length.
+    Invariants: its size (``nbytes()``) does not depend on how many tokens it has seen; ``select`` /
+    ``split`` give rows of the batch and ``type(state).stack`` concatenates states again, so that
+    ``stack(split(s))`` equals ``s`` and states of sequences of different lengths batch together;
+    backends never modify a state they are given (state in, new state out).
+    """
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def nbytes(self) -> int: ...
+
+    def select(self, index: Any) -> Any: ...
+
+    def split(self) -> list[Any]: ...
+
+
+@runtime_checkable
+class RecurrentBackend(AttentionBackend, Protocol):
+    """A backend that continues attention from a state: constant-memory decoding, chunked long prompts.
+
+    The state summarises every key absorbed so far (``B`` sequences at once, each its own length).
+    ``init_state(bank, batch, value_dim, device)``: the state of no keys. Then, all functional:
+
+    - ``extend(q, k, v, bank, state, mask) -> (out, state)``: causal attention of ``n >= 0`` new,
+      aligned tokens (``q, k [B, H, n, d]``, ``v [B, H, n, d_v]``; query ``i`` sees the state's keys and
+      new keys ``<= i``). ``mask`` (a causal :class:`MaskSpec` or None) carries the new tokens'
+      ``key_padding`` (a padded key changes nothing: its row's state stays bit-identical) and
+      ``query_padding`` (zeros); no window, ``attend`` mask or query offset. Chunked inside: no
+      ``n x n`` buffer.
+    - ``absorb(k, v, bank, state, key_padding) -> state``: fold keys in without reading out.
+    - ``readout(q, bank, state) -> (out [B, H, n, d_v], lse [B, H, n])``: attention of queries to the
+      state's keys alone, without changing it; ``lse`` is the log of the total (unnormalised) weight,
+      ``-inf`` with zero output when no key is visible, so that readouts of disjoint key sets merge
+      exactly under one normaliser (how hybrid layers combine a state with an exact window).
+    - ``prefill(q, k, v, bank, mask)`` / ``step(q, k, v, bank, state, key_padding)``: thin wrappers
+      (``gsa_core.recurrent.RecurrentOps``).
+
+    Invariants (``gsa_core.testing.check_recurrent``): ``extend`` over any split of a sequence (empty
+    pieces included, with padding) equals one causal ``forward``; ``absorb`` then ``readout`` equals
+    attending to those keys; readouts of two states merge into the readout of their union; extending
+    stacked states equals extending each; the NaN/Inf contract of :class:`AttentionBackend` holds for
+    ``extend`` and ``absorb`` too.
     """
 
     def init_state(self, bank: SplatBank, batch: int, value_dim: int, device: torch.device) -> Any: ...
+
+    def extend(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: Any, mask: MaskSpec | None = None
+    ) -> tuple[Tensor, Any]: ...
+
+    def absorb(self, k: Tensor, v: Tensor, bank: SplatBank, state: Any, key_padding: Tensor | None = None) -> Any: ...
+
+    def readout(self, q: Tensor, bank: SplatBank, state: Any) -> tuple[Tensor, Tensor]: ...
 
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
@@ -152,6 +212,12 @@ class RecurrentBackend(AttentionBackend, Protocol):
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: Any, key_padding: Tensor | None = None
     ) -> tuple[Tensor, Any]: ...
+
+
+def is_exact_for(backend: Any, bank: SplatBank) -> bool:
+    """Whether ``backend`` computes exact GSA for ``bank`` (its optional ``is_exact``; True without one)."""
+    is_exact = getattr(backend, "is_exact", None)
+    return not callable(is_exact) or bool(is_exact(bank))
 
 
 @runtime_checkable
@@ -215,6 +281,21 @@ class ModelAdapter(Protocol):
     def forward_inputs(self, model: Any, batch: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class GenerationCache(Protocol):
+    """Makes the generation cache ``generate()`` uses by default for a converted model.
+
+    A converted model's ``generate()`` (without a cache of the caller's) asks the registered ones in
+    name order; the first whose ``supports(model)`` is True builds the cache with ``create(model)``.
+    Invariants: ``supports`` has no side effects and never raises for an unsupported model; ``create``
+    returns a fresh, empty ``transformers`` ``Cache`` each call.
+    """
+
+    def supports(self, model: Any) -> bool: ...
+
+    def create(self, model: Any) -> Any: ...
+
+
 PROTOCOLS: Mapping[str, type] = {
     "initializer": Initializer,
     "birth": BirthPolicy,
@@ -222,5 +303,6 @@ PROTOCOLS: Mapping[str, type] = {
     "scheduler": Scheduler,
     "backend": AttentionBackend,
     "adapter": ModelAdapter,
+    "cache": GenerationCache,
 }
 KINDS: tuple[str, ...] = tuple(PROTOCOLS)

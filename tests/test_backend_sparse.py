@@ -217,7 +217,6 @@ def test_prefill_then_step_equals_forward_with_top_k(n_prefill):
         outs.append(o)
         t = sl.stop
     stepped = torch.cat(outs, dim=-2)
-    assert state.length == n
     assert state.log_norm.shape == (2, 2, 32) and state.memory.shape == (2, 2, 32, 5)
     real = key_padding[:, None, :, None].expand_as(full)
     assert relative_rmse(stepped[real], full[real]) <= TOL

@@ -6,17 +6,17 @@ import pytest
 import torch
 from _adapter_models import batch, gsa_config, logits, positions, tiny_gpt_neo
 from gsa_generate import GSARecurrentCache, recurrent_cache, supports_recurrent_cache
-from gsa_generate.cache import CHUNK, LayerPlan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from gsa_plugins.adapters import convert, set_passthrough
+from gsa_plugins.adapters.past import CHUNK, DecodePlan
 
 # (backend, global layers, local layers, extra params) -> the cache layer kinds expected
 CONFIGS = {
     "gsa-kernel/exact": (("kernel", "gsa", "exact", {}), ["state", "window"]),
-    "gsa-dense/gsa-window": (("dense", "gsa", "gsa", {}), ["state", "window"]),
+    "gsa-dense/gsa-window": (("dense", "gsa", "gsa", {}), ["full", "window"]),  # dense is not recurrent
     "hybrid/hybrid": (("kernel", "hybrid", "hybrid", {"hybrid_window": 3}), ["hybrid", "hybrid"]),
     "exact/exact": (("kernel", "exact", "exact", {}), ["full", "window"]),
     "auto-gsa/hybrid": (("auto", "gsa", "hybrid", {}), ["state", "hybrid"]),
@@ -196,7 +196,7 @@ def test_errors_are_clear():
     set_passthrough(model, True)
     with pytest.raises(RuntimeError, match="fresh cache"):
         incremental(model, ids, mask, [3], cache=cache)
-    with pytest.raises(NotImplementedError, match="gsa_attend"):
+    with pytest.raises(NotImplementedError, match="PastStore"):
         cache.update(torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8), 0)
     with pytest.raises(ValueError, match="valid kinds: state, window, hybrid, full"):
-        LayerPlan("sliding")  # type: ignore[arg-type]
+        DecodePlan("sliding")  # type: ignore[arg-type]

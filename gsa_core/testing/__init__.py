@@ -6,14 +6,21 @@ plugin) gives each test a fresh registry.
 """
 
 from gsa_core.testing.backend_checks import (
+    check_absorb_readout,
     check_backend,
     check_causal,
+    check_empty_sequences,
+    check_extend_splits,
     check_extreme_inputs,
     check_gradcheck,
     check_matches_reference,
+    check_non_finite_inputs,
     check_padding,
     check_permutation_equivariance,
     check_prefill_then_step,
+    check_recurrent,
+    check_state_batching,
+    reference_backend,
     relative_rmse,
 )
 from gsa_core.testing.policy_checks import (
@@ -46,9 +53,10 @@ def check_component(kind: str, component: object, **kwargs: object) -> None:
 
 
 __all__ = [
-    "CHECKS", "BankSpec", "adaptation_stats", "apply_births", "bank_specs", "check_adapter", "check_backend",
-    "check_birth_policy", "check_causal", "check_component", "check_controller", "check_death_policy",
-    "check_extreme_inputs", "check_gradcheck",
-    "check_initializer", "check_matches_reference", "check_padding", "check_permutation_equivariance",
-    "check_prefill_then_step", "check_scheduler", "padding_mask", "random_qkv", "random_stats", "relative_rmse",
+    "CHECKS", "BankSpec", "adaptation_stats", "apply_births", "bank_specs", "check_absorb_readout", "check_adapter",
+    "check_backend", "check_birth_policy", "check_causal", "check_component", "check_controller",
+    "check_death_policy", "check_empty_sequences", "check_extend_splits", "check_extreme_inputs", "check_gradcheck",
+    "check_initializer", "check_matches_reference", "check_non_finite_inputs", "check_padding",
+    "check_permutation_equivariance", "check_prefill_then_step", "check_recurrent", "check_scheduler",
+    "check_state_batching", "padding_mask", "random_qkv", "random_stats", "reference_backend", "relative_rmse"
 ]

@@ -30,6 +30,7 @@ from gsa_plugins.adapters.layers import GSALayer, Mode
 if TYPE_CHECKING:
     from gsa_core.bank import SplatBank
     from gsa_core.calibration import AttentionLayer
+    from gsa_plugins.adapters.past import DecodePlan
 
 INSTALL_HINT = "pip install gaussian-splat-attention"
 MODEL_TYPE_PREFIX = "gsa_"
@@ -228,6 +229,15 @@ class HFAdapter:
     def forward_inputs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
         """A token batch is the forward's keyword arguments as it is."""
         return dict(batch)
+
+    # ------------------------------------------------------------ decoding (gsa_plugins.adapters.decoding)
+    def decode_plan(self, model: nn.Module) -> list[DecodePlan]:
+        """How each attention layer of a converted ``model`` decodes from a stored past, in layer order (what
+        the recurrent generation cache is built from). Families that support it override this."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} has no decode plan for {describe_model(model)}: the recurrent generation "
+            "cache is not supported for this family; generate() uses transformers' own cache"
+        )
 
     # ------------------------------------------------------------ ModelAdapter
     def matches(self, model: Any) -> bool:

@@ -1,9 +1,11 @@
 """``gpt-neo``: GPT-Neo's ``GPTNeoSelfAttention`` with ``_attn`` overridden.
 
 The module keeps its class structure and its input/output interface (a subclass swapped in place),
-so Hugging Face loading, the ``DynamicCache`` and ``generate()`` work unchanged; handed a cache that
-attends itself (``gsa_generate``'s recurrent cache, which ``generate()`` uses by default), ``forward``
-gives it the new queries, keys and values instead (no ``n x n`` ``bias`` buffer is read on that path).
+so Hugging Face loading, the ``DynamicCache`` and ``generate()`` work unchanged; handed a store of
+per-layer pasts (:class:`gsa_plugins.adapters.past.PastStore`: ``gsa_generate``'s recurrent cache,
+which ``generate()`` uses by default), ``forward`` decodes from its stored past instead
+(:func:`gsa_plugins.adapters.decoding.decode_with_store`; no ``n x n`` ``bias`` buffer is read on
+that path), as :meth:`GPTNeoAdapter.decode_plan` says per layer.
 Per layer type the params choose ``gsa``, ``exact`` (the original softmax) or ``hybrid`` (exact over the last
 ``hybrid_window`` keys plus GSA for older keys, one normaliser). A local layer in ``gsa`` mode keeps
 its sliding window (only the ``dense`` backend serves windows); ``hybrid`` extends it with GSA.
@@ -26,7 +28,9 @@ from gsa_plugins.adapters.base import (
     describe_model,
     only_converted,
 )
+from gsa_plugins.adapters.decoding import decode_with_store
 from gsa_plugins.adapters.layers import Mode
+from gsa_plugins.adapters.past import DecodePlan, PastStore, exact_plan
 
 if TYPE_CHECKING:
     from gsa_core.calibration import AttentionLayer
@@ -59,16 +63,16 @@ def gsa_self_attention_class() -> type:
 
         def forward(self, hidden_states: Any, attention_mask: Any = None, layer_past: Any = None,
                     use_cache: bool = False, output_attentions: bool = False, **kwargs: Any) -> tuple[Any, Any]:
-            # A cache that attends itself (gsa_generate's recurrent cache: a kernel state, a key window) gets
-            # the new q, k, v; every other cache takes the original path (update, then _attn).
-            attend = getattr(layer_past, "gsa_attend", None)
-            if attend is None:
+            # A store of per-layer pasts (gsa_generate's recurrent cache: a GSA state, a key window) gets no
+            # update(): the layer decodes from its stored past; every other cache takes the original path.
+            if not isinstance(layer_past, PastStore):
                 return super().forward(hidden_states, attention_mask=attention_mask, layer_past=layer_past,
                                        use_cache=use_cache, output_attentions=output_attentions, **kwargs)
             query = self._split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
             key = self._split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
             value = self._split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
-            out = attend(self, query, key, value, attention_mask)
+            out = decode_with_store(layer_past, int(self.layer_id), self._modules.get("gsa"), query, key, value,
+                                    attention_mask)
             out = self.resid_dropout(self.out_proj(self._merge_heads(out, self.num_heads, self.head_dim)))
             return out, None
 
@@ -123,6 +127,32 @@ class GPTNeoAdapter(HFAdapter):
         cls = gsa_self_attention_class()
         for site in sites:
             site.module.__class__ = cls
+            layer = site.module._modules.get("gsa")
+            if layer is not None:
+                layer.label = site.name  # errors about its inputs name the layer
+
+    def decode_plan(self, model: nn.Module) -> list[DecodePlan]:
+        """Per layer: GSA layers decode as their :meth:`GSALayer.decode_plan` says; exact ones (no GSA, or
+        passthrough) keep their last ``window_size - 1`` keys (local layers) or every key (global ones)."""
+        base = getattr(model, "base_model", model)
+        blocks = getattr(base, "h", None)
+        cls = gsa_self_attention_class()
+        modules = [getattr(getattr(block, "attn", None), "attention", None) for block in blocks or ()]
+        if not modules or not all(isinstance(m, cls) for m in modules):
+            raise UnsupportedModelError(
+                f"{describe_model(model)} has no GSA decode plan: supported are GPT-Neo models converted with the "
+                "'gpt-neo' adapter (gsa_plugins.adapters.convert, eager attention); other models decode with "
+                "transformers' own cache"
+            )
+        plans = []
+        for module in modules:
+            gsa = module._modules.get("gsa")
+            if gsa is not None and not gsa.passthrough:
+                plans.append(gsa.decode_plan())
+            else:
+                local = module.attention_type == "local"
+                plans.append(exact_plan(int(module.config.window_size) if local else None, gsa))
+        return plans
 
     def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
         """``q_proj``/``k_proj``/``v_proj`` of every layer (scaling 1); before conversion every layer, after

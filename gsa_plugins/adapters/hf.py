@@ -101,17 +101,17 @@ def _gsa_save_pretrained(self: PreTrainedModel, save_directory: str | Path, *arg
 
 def _gsa_prepare_cache_for_generation(self: PreTrainedModel, generation_config: Any, model_kwargs: dict,
                                       *args: Any, **kwargs: Any) -> Any:
-    """``generate()`` without a cache of the caller's: the recurrent GSA cache where the model has one
-    (``gsa_generate``); ``cache_implementation="dynamic"`` (or any other) keeps transformers' choice."""
+    """``generate()`` without a cache of the caller's: the default generation cache a plugin registered
+    (kind ``cache``, asked in name order; ``gsa_generate`` registers the recurrent GSA cache) for the first
+    that supports the model; ``cache_implementation="dynamic"`` (or any other) keeps transformers' choice."""
     if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
             and generation_config.cache_implementation is None and not generation_config.is_assistant):
-        try:
-            from gsa_generate.cache import recurrent_cache, supports_recurrent_cache
-        except ImportError:  # the integration is not installed: transformers' own cache
-            supports_recurrent_cache = None
-        if supports_recurrent_cache is not None and supports_recurrent_cache(self):
-            model_kwargs["cache"] = recurrent_cache(self)
-            return None
+        registry = get_registry()
+        for comp in registry.components("cache"):
+            factory = registry.build("cache", comp.name)
+            if factory.supports(self):
+                model_kwargs["cache"] = factory.create(self)
+                return None
     return type(self)._gsa_original._prepare_cache_for_generation(self, generation_config, model_kwargs,
                                                                    *args, **kwargs)
 

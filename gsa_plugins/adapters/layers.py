@@ -1,5 +1,8 @@
 """The per-layer GSA module the adapters attach, Hugging Face masks as :class:`MaskSpec`, hybrid attention.
 
+The layer owns its decoding too: :meth:`GSALayer.decode` continues a stored past
+(:mod:`gsa_plugins.adapters.past`) through the layer's backend.
+
 Torch only: nothing here imports ``transformers``.
 """
 
@@ -14,11 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from gsa_core.attention import GSAAttention
-from gsa_core.bank import SplatBank
+from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.calibration import gsa_input_scale
 from gsa_core.config import GSAConfig
 from gsa_core.masks import MaskSpec
-from gsa_core.numerics import NEG_INF, safe_softmax
+from gsa_core.numerics import blocked_softmax_attention, check_finite, rows_per_block
+from gsa_core.protocols import RecurrentBackend, is_exact_for
+from gsa_plugins.adapters.past import DecodePlan, LayerPast, attend_kept, layer_signature
 
 Mode = Literal["gsa", "exact", "hybrid"]
 #: ``teacher(q, k, v, mask, out)``: called in passthrough with the host's inputs and its exact output.
@@ -125,7 +130,7 @@ def pair_log_weights_gemm(mq: Tensor, fq: Tensor, mk: Tensor, fk: Tensor) -> Ten
 
 def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec, *, scaling: float, window: int,
-    block_elements: int = 1 << 24,
+    block_elements: int = 1 << 24, summary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Exact softmax over a window of nearby keys plus GSA for the others, under one shared normaliser.
 
@@ -134,44 +139,43 @@ def hybrid_attention(
     one softmax over all of them. Causal ``mask``: the window is the last ``window`` keys
     (``p_i - window < j <= p_i``). Bidirectional self-attention (``n_q == n_k``, not causal): the symmetric
     window ``|i - j| <= window`` (an encoder's local context is on both sides). Padding allowed.
+    ``summary = (out, lse)``: GSA attention to still older keys, summarised (a recurrent state's
+    ``readout`` of the GSA-space queries), joins the same softmax as one more key per query.
     ``O(n_q·n_k·K)`` as GEMMs (:func:`pair_log_weights_gemm`), in query blocks. Returns ``[B, H, n_q, d_v]``
-    in ``v``'s dtype.
+    in ``v``'s dtype. NaN/Inf inputs raise :class:`~gsa_core.errors.NonFiniteInputError`.
     """
     if window < 0 or (mask.causal and window < 1):
         raise ValueError(f"hybrid window must be a positive number of keys, got {window!r}")
     if not mask.causal and q.shape[-2] != k.shape[-2]:
         raise ValueError("bidirectional hybrid attention needs self-attention (as many queries as keys); "
                          f"got {q.shape[-2]} queries and {k.shape[-2]} keys")
+    check_finite(q=q, k=k, v=v)
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[-2]
     device = q.device
-    allowed = mask.allowed(n_q, n_k, device=device)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = gsa_input_scale(scaling)
     mq, fq = _shifted_features(bank.log_features(qf * scale if scale != 1.0 else qf))
     mk, fk = _shifted_features(bank.log_features(kf * scale if scale != 1.0 else kf))
     q_pos = torch.arange(n_q, device=device) + mask.offset(n_q, n_k)
     k_pos = torch.arange(n_k, device=device)
-    per_row = max(1, n_k * heads * batch)
-    block = max(1, min(n_q, block_elements // per_row))
-    outs = []
     kt = kf.transpose(-1, -2)
-    for start in range(0, n_q, block):
-        sl = slice(start, min(n_q, start + block))
-        exact = torch.matmul(qf[..., sl, :], kt)
+
+    def logits(rows: slice) -> Tensor:
+        exact = torch.matmul(qf[..., rows, :], kt)
         if scaling != 1.0:
             exact = exact * scaling
-        logw = pair_log_weights_gemm(mq[..., sl, :], fq[..., sl, :], mk, fk).to(dtype)
+        logw = pair_log_weights_gemm(mq[..., rows, :], fq[..., rows, :], mk, fk).to(dtype)
         if mask.causal:
-            in_window = k_pos.unsqueeze(0) > (q_pos[sl].unsqueeze(1) - window)
+            in_window = k_pos.unsqueeze(0) > (q_pos[rows].unsqueeze(1) - window)
         else:
-            in_window = (k_pos.unsqueeze(0) - q_pos[sl].unsqueeze(1)).abs() <= window
-        scores = torch.where(in_window, exact, logw)
-        allow = allowed[..., sl, :] if allowed.shape[-2] > 1 else allowed
-        scores = scores.masked_fill(~allow, NEG_INF)
-        outs.append(safe_softmax(scores, dim=-1) @ vf)
-    out = torch.cat(outs, dim=-2)
+            in_window = (k_pos.unsqueeze(0) - q_pos[rows].unsqueeze(1)).abs() <= window
+        return torch.where(in_window, exact, logw)
+
+    block = rows_per_block(n_q, n_k * heads * batch, block_elements)
+    out = blocked_softmax_attention(logits, vf, n_q, block=block, allowed=mask.allowed(n_q, n_k, device=device),
+                                    summary=summary)
     if mask.query_padding is not None:
         out = out * mask.query_padding[:, None, :, None].to(out.dtype)
     return out.to(v.dtype)
@@ -212,11 +216,6 @@ class GSALayer(GSAAttention):
         self.masks = MaskCache()
         self.teacher: TeacherTap | None = None
 
-    @property
-    def active(self) -> bool:
-        """Whether GSA computes this layer's attention (False in passthrough)."""
-        return not self.passthrough
-
     def capturing(self) -> bool:
         return bool(self.q_in._forward_hooks or self.k_in._forward_hooks)
 
@@ -249,8 +248,82 @@ class GSALayer(GSAAttention):
             return super().forward(q, k, v, mask)
         assert self.hybrid_window is not None
         self._check_inputs(q, k, v)
-        return hybrid_attention(q, k, v, self.bank, mask if mask is not None else MaskSpec(causal=self.causal),
-                                scaling=1.0, window=self.hybrid_window)
+        with self.naming_errors():
+            return hybrid_attention(q, k, v, self.bank, mask if mask is not None else MaskSpec(causal=self.causal),
+                                    scaling=1.0, window=self.hybrid_window)
+
+    # ------------------------------------------------------------------ decoding with a stored past
+    def recurrent_backend(self) -> RecurrentBackend | None:
+        """The backend that continues this layer from a state: its own, when it is recurrent (any registered
+        backend implementing :class:`~gsa_core.protocols.RecurrentBackend`, ``auto`` included)."""
+        return self.backend if isinstance(self.backend, RecurrentBackend) else None
+
+    def decode_plan(self) -> DecodePlan:
+        """How this layer decodes (see :mod:`gsa_plugins.adapters.decoding` for the kinds)."""
+        signature = layer_signature(self)
+        backend = self.recurrent_backend()
+        if self.mode == "hybrid":
+            assert self.hybrid_window is not None
+            # the state stands for exact GSA over the keys that left the window: an inexact backend would
+            # compute something else than the forward, which then keeps every key instead
+            exact = backend is not None and is_exact_for(backend, self.bank)
+            return DecodePlan("hybrid" if exact else "full", self.hybrid_window if exact else None, self,
+                              self.scaling, signature)
+        if self.window is not None:
+            return DecodePlan("window", self.window, self, self.scaling, signature)
+        # an inexact recurrent backend (sparse top-k) decodes with its own state: that equals its own forward
+        return DecodePlan("state" if backend is not None else "full", None, self, self.scaling, signature)
+
+    def decode(self, plan: DecodePlan, q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
+               past: LayerPast | None) -> tuple[Tensor, LayerPast]:
+        """Attention of new tokens ``q, k, v [B, H, n, ·]`` (host space; ``valid [B, n]``: real tokens) over
+        the stored ``past`` and themselves, as one causal forward over all of them would give. Returns the
+        outputs ``[B, H, n, d_v]`` and the new past to store."""
+        with self.naming_errors():
+            return self._decode(plan, q, k, v, valid, past)
+
+    def _decode(self, plan: DecodePlan, q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
+                past: LayerPast | None) -> tuple[Tensor, LayerPast]:
+        scale = gsa_input_scale(self.scaling)
+        if plan.kind == "state":
+            backend = self.recurrent_backend()
+            assert backend is not None
+            state = past.state if past is not None else None
+            if state is None:
+                state = backend.init_state(self.bank, q.shape[0], v.shape[-1], q.device)
+            padding = None if bool(valid.all()) else valid
+            if scale != 1.0:
+                q, k = q * scale, k * scale
+            out, state = backend.extend(q, k, v, self.bank, state, MaskSpec(causal=True, key_padding=padding))
+            return out.to(v.dtype), LayerPast(state=state)
+        if plan.kind == "hybrid":
+            return self._decode_hybrid(plan, q, k, v, valid, past, scale)
+
+        def attend(q: Tensor, keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> Tensor:
+            padding = None if bool(kept_valid.all()) else kept_valid
+            return self.attend(q, keys, values, MaskSpec(causal=True, key_padding=padding))
+
+        return attend_kept(past, q, k, v, valid, keep=plan.keep, attend=attend)
+
+    def _decode_hybrid(self, plan: DecodePlan, q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
+                       past: LayerPast | None, scale: float) -> tuple[Tensor, LayerPast]:
+        backend = self.recurrent_backend()
+        assert backend is not None and self.hybrid_window is not None
+        state = past.state if past is not None else None
+        if state is None:
+            state = backend.init_state(self.bank, q.shape[0], v.shape[-1], q.device)
+
+        def attend(q: Tensor, keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> Tensor:
+            summary = backend.readout(q * scale if scale != 1.0 else q, self.bank, state)
+            padding = None if bool(kept_valid.all()) else kept_valid
+            return hybrid_attention(q, keys, values, self.bank, MaskSpec(causal=True, key_padding=padding),
+                                    scaling=self.scaling, window=self.hybrid_window, summary=summary)
+
+        def absorb(keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> object:
+            padding = None if bool(kept_valid.all()) else kept_valid
+            return backend.absorb(keys * scale if scale != 1.0 else keys, values, self.bank, state, padding)
+
+        return attend_kept(past, q, k, v, valid, keep=plan.keep, attend=attend, absorb=absorb, state=state)
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}" if self.window is not None else ""

@@ -1,4 +1,4 @@
-"""The exact log-space reference: ``O(n^2 K)`` time, any mask.
+"""``dense``: the exact log-space reference (``gsa_core.reference``) as a backend: ``O(n^2 K)`` time, any mask.
 
 Queries are processed in blocks so the ``[block, n_k, K]`` pair tensor stays within a memory budget.
 """
@@ -7,23 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 from gsa_core.bank import SplatBank
+from gsa_core.flops import feature_flops, visible_pairs
 from gsa_core.masks import MASK_KINDS, MaskSpec
-from gsa_core.numerics import safe_logsumexp, safe_softmax
+from gsa_core.reference import BLOCK_ELEMENTS, dense_attention, pair_log_weights
 from gsa_core.registry import StrategyParams
 
 
 class DenseParams(StrategyParams):
-    block_elements: int = Field(1 << 24, ge=1, description="max elements of one [block, n_k, K] pair tensor")
-
-
-def pair_log_weights(lq: Tensor, lk: Tensor) -> Tensor:
-    """``log w_ij = logsumexp_s(lq_is + lk_js)``: ``[..., n_q, K] x [..., n_k, K] -> [..., n_q, n_k]``."""
-    return safe_logsumexp(lq.unsqueeze(-2) + lk.unsqueeze(-3), dim=-1)
+    block_elements: int = Field(BLOCK_ELEMENTS, ge=1, description="max elements of one [block, n_k, K] pair tensor")
 
 
 class DenseBackend:
@@ -38,22 +33,15 @@ class DenseBackend:
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
     ) -> tuple[Tensor, dict[str, Any]]:
-        batch, heads, n_q, _ = q.shape
-        n_k = k.shape[-2]
-        mask.check_shapes(batch, n_q, n_k)
-        lq, lk = bank.log_features(q), bank.log_features(k)
-        allowed = mask.allowed(n_q, n_k, device=q.device)
-        vf = v.to(lq.dtype)
-        per_row = max(1, n_k * bank.capacity * heads * batch)
-        block = max(1, min(n_q, self.params.block_elements // per_row))
-        outs = []
-        for start in range(0, n_q, block):
-            stop = min(n_q, start + block)
-            logw = pair_log_weights(lq[..., start:stop, :], lk)
-            allow = allowed[..., start:stop, :] if allowed.shape[-2] > 1 else allowed
-            logw = logw.masked_fill(~allow, float("-inf"))
-            outs.append(safe_softmax(logw, dim=-1) @ vf)
-        out = torch.cat(outs, dim=-2)
-        if mask.query_padding is not None:
-            out = out * mask.query_padding[:, None, :, None].to(out.dtype)
-        return out.to(v.dtype), {"backend": self.name}
+        return dense_attention(q, k, v, bank, mask, block_elements=self.params.block_elements), {"backend": self.name}
+
+    def flops(self, batch: int, heads: int, n_q: int, n_k: int, head_dim: int, value_dim: int, causal: bool,
+              bank: SplatBank) -> float:
+        """Features of q and k, the ``[n_q, n_k, K]`` log-sum-exp (an add and an accumulate per term), ``P @ V``
+        over the visible pairs (all pairs are computed, only the visible ones count for ``P @ V``)."""
+        pairs = visible_pairs(n_q, n_k, causal)
+        k = bank.capacity
+        return float(batch * heads * (feature_flops(bank, n_q + n_k) + 2 * n_q * n_k * k + 2 * pairs * value_dim))
+
+
+__all__ = ["DenseBackend", "DenseParams", "pair_log_weights"]

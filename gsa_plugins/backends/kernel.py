@@ -36,8 +36,10 @@ from torch import Tensor
 
 from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.errors import MaskNotSupportedError
+from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
-from gsa_core.numerics import NEG_INF, finite_max, safe_logsumexp, safe_softmax
+from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_softmax
+from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
 from gsa_core.registry import StrategyParams
 
 #: A visible row whose total, relative to its stabiliser, is below ``e^-INTRA_MARGIN`` is recomputed
@@ -57,20 +59,15 @@ class KernelParams(StrategyParams):
 
 
 @dataclass
-class KernelState:
+class KernelState(BatchState):
     """The recurrent state: ``z [B, H, K]`` (log-normaliser per splat) and ``M [B, H, K, d_v]``.
 
     ``M`` is the normalised memory (a convex combination of the values seen so far); its size never
-    depends on the sequence length.
+    depends on the sequence length. Rows stack and split (:class:`gsa_core.recurrent.BatchState`).
     """
 
     z: Tensor
     M: Tensor
-
-    def nbytes(self) -> int:
-        """Bytes held by the state (independent of how many tokens it has seen)."""
-        return self.z.numel() * self.z.element_size() + self.M.numel() * self.M.element_size()
-
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -310,7 +307,7 @@ def _exact_causal_rows(lq_rows: Tensor, lk_rows: Tensor, t: Tensor, v_rows: Tens
 
 
 # ----------------------------------------------------------------------------- the backend
-class KernelBackend:
+class KernelBackend(RecurrentOps):
     """Exact chunked linear-attention form of GSA: long sequences and constant-memory decoding."""
 
     name = "kernel"
@@ -319,7 +316,7 @@ class KernelBackend:
     def __init__(self, params: KernelParams | None = None) -> None:
         self.params = params or KernelParams()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ checks
     def _check(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> None:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"expected q, k, v of shape [B, H, n, d], got {tuple(q.shape)}, "
@@ -336,6 +333,15 @@ class KernelBackend:
                 f"arbitrary masks)"
             )
         mask.check_shapes(batch, n_q, n_k)
+        check_finite(q=q, k=k, v=v)
+
+    @staticmethod
+    def _check_state(state: KernelState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
+        if not isinstance(state, KernelState):
+            raise TypeError(f"the kernel backend continues a KernelState, got {type(state).__name__}")
+        want = (batch, heads, bank.capacity, value_dim)
+        if tuple(state.M.shape) != want or tuple(state.z.shape) != want[:3]:
+            raise ValueError(f"state M {tuple(state.M.shape)} does not fit [batch, heads, splats, value dim] = {want}")
 
     def _block_tokens(self, batch: int, heads: int) -> int:
         """Tokens per block: ``block_rows`` over batch·heads, whole chunks, at most :data:`_MAX_BLOCK_CHUNKS`."""
@@ -362,124 +368,106 @@ class KernelBackend:
             lk = lk.masked_fill(~key_padding[:, None, :, None].to(lk.device), NEG_INF)
         return lk
 
-    def _empty_state(self, bank: SplatBank, batch: int, value_dim: int, device: Any, dtype: torch.dtype) -> KernelState:
-        h, k = bank.n_heads, bank.capacity
-        return KernelState(
-            z=torch.full((batch, h, k), NEG_INF, device=device, dtype=dtype),
-            M=torch.zeros(batch, h, k, value_dim, device=device, dtype=dtype),
-        )
+    # ------------------------------------------------------------------ AttentionBackend
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
+    ) -> tuple[Tensor, dict[str, Any]]:
+        self._check(q, k, v, mask)
+        if mask.causal:
+            out, _ = self.causal_attention(q, k, v, bank, mask)
+        else:  # the state over every key, read by every query
+            state = self.absorb(k, v, bank, self.init_state(bank, q.shape[0], v.shape[-1], q.device), mask.key_padding)
+            step = self._block_tokens(q.shape[0], q.shape[1])
+            z, M = state.z.to(compute_dtype(q)), state.M.to(compute_dtype(q))
+            outs = [_readout(bank.log_features(q[..., s:s + step, :]), z, M) for s in range(0, q.shape[-2], step)]
+            out = torch.cat(outs, dim=-2) if outs else M.new_zeros(*q.shape[:-1], v.shape[-1])
+            if mask.query_padding is not None:
+                out = torch.where(mask.query_padding[:, None, :, None].to(out.device), out, torch.zeros_like(out))
+        return out.to(v.dtype), {"backend": self.name, "chunk_size": self.params.chunk_size}
 
-    def _absorb_keys(self, bank: SplatBank, state: KernelState, k: Tensor, v: Tensor,
-                     key_padding: Tensor | None) -> KernelState:
+    def flops(self, batch: int, heads: int, n_q: int, n_k: int, head_dim: int, value_dim: int, causal: bool,
+              bank: SplatBank) -> float:
+        """Log-features of q and k; causal: per token ``u = Qᵀ V``, the intra-chunk ``[C, C]`` weights and their
+        ``@ V``, and the past-state readout; otherwise the state over the keys and one readout per query."""
+        k, c = bank.capacity, self.params.chunk_size
+        per = feature_flops(bank, n_q + n_k)
+        if causal:
+            per += n_q * (4 * k * value_dim + 2 * c * (k + value_dim))
+            per += 2 * k * value_dim * max(0, n_k - n_q)  # keys absorbed before the queries
+        else:
+            per += 2 * n_k * k * value_dim + 2 * n_q * k * value_dim
+        return float(batch * heads * per)
+
+    # ------------------------------------------------------------------ RecurrentBackend
+    def init_state(self, bank: SplatBank, batch: int, value_dim: int, device: torch.device) -> KernelState:
+        dtype = state_dtype(bank)
+        h, k = bank.n_heads, bank.capacity
+        return KernelState(z=torch.full((batch, h, k), NEG_INF, device=device, dtype=dtype),
+                           M=torch.zeros(batch, h, k, value_dim, device=device, dtype=dtype))
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
+               mask: MaskSpec | None = None) -> tuple[Tensor, KernelState]:
+        """Causal attention of ``n`` new aligned tokens continuing ``state`` (see ``RecurrentBackend``).
+
+        One token: the state update and readout in a few ops (decoding). More: the chunked recurrence,
+        in blocks of ``block_rows``, with the same arithmetic as a causal ``forward``.
+        """
+        if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+            raise ValueError(f"extend takes aligned q, k [B, H, n, d] and v [B, H, n, d_v], got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        batch, heads, n, _ = q.shape
+        key_padding, query_padding = aligned_mask(mask, batch, n, self.name)
+        self._check_state(state, bank, batch, heads, v.shape[-1])
+        check_finite(q=q, k=k, v=v)
+        if n == 0:
+            return v.new_zeros(batch, heads, 0, v.shape[-1]), state
+        if n == 1:
+            out, state = self._one_token(q, k, v, bank, state, key_padding)
+        else:
+            out, state = self._chunked(q, k, v, bank, key_padding, state)
+        if query_padding is not None:
+            out = torch.where(query_padding[:, None, :, None].to(out.device), out, torch.zeros_like(out))
+        return out.to(v.dtype), state
+
+    def absorb(self, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
+               key_padding: Tensor | None = None) -> KernelState:
+        """Fold keys ``k [B, H, n, d]`` with values ``v`` into ``state`` (order-free), in blocks."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"absorb takes k [B, H, n, d] and v [B, H, n, d_v], got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[2]}], got {tuple(key_padding.shape)}")
+        self._check_state(state, bank, k.shape[0], k.shape[1], v.shape[-1])
+        check_finite(k=k, v=v)
         z, M = state.z, state.M
         step = self._block_tokens(k.shape[0], k.shape[1])
         for start in range(0, k.shape[-2], step):
             sl = slice(start, start + step)
             lk = self._key_features(bank, k[..., sl, :], None if key_padding is None else key_padding[:, sl])
-            z, M = _absorb(z, M, lk, v[..., sl, :].to(lk.dtype))
+            z, M = _absorb(z.to(lk.dtype), M.to(lk.dtype), lk, v[..., sl, :].to(lk.dtype))
         return KernelState(z, M)
 
-    def _causal(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, key_padding: Tensor | None,
-                state: KernelState) -> tuple[Tensor, KernelState]:
-        """Causal attention of aligned ``q, k, v [B, H, n, ·]`` (query ``i`` sees keys ``<= i``)."""
-        c = self.params.chunk_size
+    def readout(self, q: Tensor, bank: SplatBank, state: KernelState) -> tuple[Tensor, Tensor]:
+        """Attention of ``q [B, H, n, d]`` to the state's keys: ``(out [B, H, n, d_v], lse [B, H, n])`` in the
+        compute dtype; ``lse = logsumexp_s(l_s(q) + z_s)`` is the log of the total weight."""
+        self._check_state(state, bank, q.shape[0], q.shape[1], state.M.shape[-1])
+        check_finite(q=q)
+        dtype = compute_dtype(q)
+        z, M = state.z.to(dtype), state.M.to(dtype)
         step = self._block_tokens(q.shape[0], q.shape[1])
-        z, M = state.z, state.M
-        n = q.shape[-2]
-        tracked = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in (q, k, v, z, M)) or any(p.requires_grad for p in bank.parameters())
-        )
-        outs: list[Tensor] = []
-        if not tracked:
-            ws = _workspace()
-            result = torch.empty(*q.shape[:2], n, v.shape[-1], dtype=compute_dtype(q), device=q.device)
-        for start in range(0, n, step):
-            sl = slice(start, min(n, start + step))
-            lq = bank.log_features(q[..., sl, :])
-            lk = self._key_features(bank, k[..., sl, :], None if key_padding is None else key_padding[:, sl])
-            vb = v[..., sl, :].to(lq.dtype)
-            length = lq.shape[-2]
-            padded = -(-length // c) * c
-            if padded != length:
-                lq, lk = _pad_tokens(lq, padded, NEG_INF), _pad_tokens(lk, padded, NEG_INF)
-                vb = _pad_tokens(vb, padded, 0.0)
-            seen = self._seen(key_padding, sl, z, padded)
-            if tracked:
-                out, z, M = _causal_chunks(lq, lk, vb, z, M, c, seen)
-                outs.append(out[..., :length, :])
-            else:
-                z, M = _causal_chunks_inplace(lq, lk, vb, z.to(lq.dtype), M.to(lq.dtype), c, seen,
-                                              result[..., sl, :], ws)
-        if tracked:
-            result = torch.cat(outs, dim=-2)
-        return result, KernelState(z, M)
+        outs, lses = [], []
+        for start in range(0, q.shape[-2], step):
+            logits = bank.log_features(q[..., start:start + step, :]) + z.unsqueeze(-2)
+            outs.append(safe_softmax(logits, dim=-1) @ M)
+            lses.append(safe_logsumexp(logits, dim=-1))
+        if not outs:
+            return M.new_zeros(*q.shape[:-1], M.shape[-1]), z.new_zeros(q.shape[:-1])
+        return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
-    # ------------------------------------------------------------------ AttentionBackend
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
-    ) -> tuple[Tensor, dict[str, Any]]:
-        out, _ = self._attend(q, k, v, bank, mask)
-        return out, {"backend": self.name, "chunk_size": self.params.chunk_size}
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec,
-                full_state: bool = False) -> tuple[Tensor, KernelState]:
-        """Outputs, and the state over the keys the queries saw (over all keys if ``full_state``)."""
-        self._check(q, k, v, mask)
-        batch, _, n_q, _ = q.shape
-        n_k = k.shape[-2]
-        dtype = compute_dtype(q)  # the dtype bank.log_features computes in
-        state = self._empty_state(bank, batch, v.shape[-1], q.device, dtype)
-        kp = mask.key_padding
-        if not mask.causal:
-            state = self._absorb_keys(bank, state, k, v, kp)
-            step = self._block_tokens(batch, q.shape[1])
-            outs = [_readout(bank.log_features(q[..., s:s + step, :]), state.z, state.M) for s in range(0, n_q, step)]
-            out = torch.cat(outs, dim=-2) if outs else q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=dtype)
-        else:
-            off = mask.offset(n_q, n_k)
-            skip = min(n_q, max(0, -off))  # queries before key 0 see nothing
-            off = max(0, off)
-            if off > 0:  # keys every remaining query sees: a prefix state
-                pre = slice(0, min(off, n_k))
-                state = self._absorb_keys(bank, state, k[..., pre, :], v[..., pre, :],
-                                          None if kp is None else kp[:, pre])
-            n = n_q - skip
-            ka, va = k[..., off:off + n, :], v[..., off:off + n, :]
-            kpa = None if kp is None else kp[:, off:off + n]
-            if ka.shape[-2] < n:  # queries past the last key: pad with invisible keys
-                extra = n - ka.shape[-2]
-                ka, va = _pad_tokens(ka, n, 0.0), _pad_tokens(va, n, 0.0)
-                real = torch.ones(batch, n - extra, dtype=torch.bool, device=q.device) if kpa is None else kpa
-                kpa = torch.cat([real, torch.zeros(batch, extra, dtype=torch.bool, device=q.device)], dim=1)
-            if n > 0:
-                out, state = self._causal(q[..., skip:, :], ka, va, bank, kpa, state)
-            else:
-                out = q.new_zeros(*q.shape[:2], 0, v.shape[-1], dtype=dtype)
-            if skip:
-                out = torch.cat([out.new_zeros(*out.shape[:2], skip, out.shape[-1]), out], dim=-2)
-            if full_state and off + n < n_k:  # keys after the last query (an explicit query_offset)
-                rest = slice(off + n, n_k)
-                state = self._absorb_keys(bank, state, k[..., rest, :], v[..., rest, :],
-                                          None if kp is None else kp[:, rest])
-        if mask.query_padding is not None:
-            keep = mask.query_padding[:, None, :, None].to(out.device)
-            out = torch.where(keep, out, torch.zeros_like(out))
-        return out.to(v.dtype), state
-
-    # ------------------------------------------------------------------ RecurrentBackend
-    def init_state(self, bank: SplatBank, batch: int, value_dim: int, device: torch.device) -> KernelState:
-        dtype = torch.float64 if bank.centers.dtype == torch.float64 else torch.float32
-        return self._empty_state(bank, batch, value_dim, device, dtype)
-
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, KernelState]:
-        if not mask.causal:
-            raise MaskNotSupportedError(f"backend {self.name!r}: prefill needs a causal mask")
-        return self._attend(q, k, v, bank, mask, full_state=True)
-
-    def step(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
-             key_padding: Tensor | None = None) -> tuple[Tensor, KernelState]:
-        if q.shape[-2] != 1 or k.shape[-2] != 1 or v.shape[-2] != 1:
-            raise ValueError(f"step takes one token, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    # ------------------------------------------------------------------ the two extend paths
+    @staticmethod
+    def _one_token(q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
+                   key_padding: Tensor | None) -> tuple[Tensor, KernelState]:
         lqk = bank.log_features(torch.cat((q, k.to(q.dtype)), dim=-2))  # one bank call for both
         lq, lk = lqk[..., :1, :], lqk[..., 1:, :]
         if key_padding is not None:
@@ -504,4 +492,39 @@ class KernelBackend:
             real = key_padding[:, 0].to(z.device)[:, None, None]
             z_new = torch.where(real, z_new, z)
             m_new = torch.where(real.unsqueeze(-1), m_new, M)
-        return out.to(v.dtype), KernelState(z_new, m_new)
+        return out, KernelState(z_new, m_new)
+
+    def _chunked(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, key_padding: Tensor | None,
+                 state: KernelState) -> tuple[Tensor, KernelState]:
+        """Causal attention of aligned ``q, k, v [B, H, n, ·]`` (query ``i`` sees keys ``<= i``) in chunks."""
+        c = self.params.chunk_size
+        step = self._block_tokens(q.shape[0], q.shape[1])
+        z, M = state.z, state.M
+        n = q.shape[-2]
+        tracked = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in (q, k, v, z, M)) or any(p.requires_grad for p in bank.parameters())
+        )
+        outs: list[Tensor] = []
+        if not tracked:
+            ws = _workspace()
+            result = torch.empty(*q.shape[:2], n, v.shape[-1], dtype=compute_dtype(q), device=q.device)
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            lq = bank.log_features(q[..., sl, :])
+            lk = self._key_features(bank, k[..., sl, :], None if key_padding is None else key_padding[:, sl])
+            vb = v[..., sl, :].to(lq.dtype)
+            z, M = z.to(lq.dtype), M.to(lq.dtype)
+            length = lq.shape[-2]
+            padded = -(-length // c) * c
+            if padded != length:
+                lq, lk = _pad_tokens(lq, padded, NEG_INF), _pad_tokens(lk, padded, NEG_INF)
+                vb = _pad_tokens(vb, padded, 0.0)
+            seen = self._seen(key_padding, sl, z, padded)
+            if tracked:
+                out, z, M = _causal_chunks(lq, lk, vb, z, M, c, seen)
+                outs.append(out[..., :length, :])
+            else:
+                z, M = _causal_chunks_inplace(lq, lk, vb, z, M, c, seen, result[..., sl, :], ws)
+        if tracked:
+            result = torch.cat(outs, dim=-2)
+        return result, KernelState(z, M)

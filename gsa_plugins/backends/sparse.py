@@ -25,7 +25,6 @@ nothing after them is, except the ``K``-bin buffers of the non-causal scatter an
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,10 @@ from torch import Tensor
 
 from gsa_core.bank import SplatBank
 from gsa_core.errors import MaskNotSupportedError
+from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
-from gsa_core.numerics import NEG_INF, finite_max, safe_softmax
+from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_softmax
+from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
 from gsa_core.registry import StrategyParams
 
 
@@ -46,15 +47,16 @@ class SparseParams(StrategyParams):
 
 
 @dataclass
-class SparseState:
+class SparseState(BatchState):
     """Per-splat running state for decoding: ``log_norm`` ``z [B, H, K]``, ``memory`` ``M [B, H, K, d_v]``.
 
-    ``length`` counts the key positions consumed so far (padded ones included).
+    The same sufficient statistics as the kernel state, over the keys' top-k features only. It holds
+    no token count: the state does not depend on where its keys were, so rows of sequences of any
+    lengths stack (:class:`gsa_core.recurrent.BatchState`); positions are the caller's to keep.
     """
 
     log_norm: Tensor
     memory: Tensor
-    length: int = 0
 
 
 # ----------------------------------------------------------------------------- selection
@@ -162,7 +164,7 @@ class _Selected:
     vf: Tensor  # [B, H, n_k, d_v] in the compute dtype
 
 
-class SparseBackend:
+class SparseBackend(RecurrentOps):
     """Top-k sparse GSA: each token attends through its ``top_k`` best splats only."""
 
     name = "sparse"
@@ -189,13 +191,26 @@ class SparseBackend:
                 f"{', '.join(sorted(self.supported_masks))} (use dense for windows and arbitrary masks)"
             )
         mask.check_shapes(q.shape[0], q.shape[-2], k.shape[-2])
+        check_finite(q=q, k=k, v=v)
 
-    def _select(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, key_padding: Tensor | None) -> _Selected:
-        top_k = self.params.top_k
-        lq, iq = top_k_slots(bank.log_features(q), top_k)
-        lk, ik = top_k_slots(bank.log_features(k), top_k)
+    @staticmethod
+    def _check_state(state: SparseState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
+        if not isinstance(state, SparseState):
+            raise TypeError(f"the sparse backend continues a SparseState, got {type(state).__name__}")
+        want = (batch, heads, bank.capacity, value_dim)
+        if tuple(state.memory.shape) != want or tuple(state.log_norm.shape) != want[:3]:
+            raise ValueError(f"state memory {tuple(state.memory.shape)} does not fit [batch, heads, splats, value dim] "
+                             f"= {want}")
+
+    def _select_keys(self, k: Tensor, bank: SplatBank, key_padding: Tensor | None) -> tuple[Tensor, Tensor]:
+        lk, ik = top_k_slots(bank.log_features(k), self.params.top_k)
         if key_padding is not None:  # mask the key features, not the values
             lk = lk.masked_fill(~key_padding.to(lk.device)[:, None, :, None], NEG_INF)
+        return lk, ik
+
+    def _select(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, key_padding: Tensor | None) -> _Selected:
+        lq, iq = top_k_slots(bank.log_features(q), self.params.top_k)
+        lk, ik = self._select_keys(k, bank, key_padding)
         return _Selected(lq, iq, lk, ik, v.to(lq.dtype))
 
     @staticmethod
@@ -206,15 +221,15 @@ class SparseBackend:
         return base + sel.iq, base + sel.ik
 
     @staticmethod
-    def _totals(sel: _Selected, bins_k: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
+    def _totals(lk: Tensor, vf: Tensor, bins_k: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
         """``(z, M)`` over all keys per bin: scatter-logsumexp and scatter-add, ``[n_bins]``, ``[n_bins, d_v]``."""
-        dv = sel.vf.shape[-1]
-        flat_bins, flat_l = bins_k.reshape(-1), sel.lk.reshape(-1)
+        dv = vf.shape[-1]
+        flat_bins, flat_l = bins_k.reshape(-1), lk.reshape(-1)
         m = flat_l.new_full((n_bins,), NEG_INF).scatter_reduce(0, flat_bins, flat_l.detach(), "amax")
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(sel.lk - m[bins_k])  # [B, H, n_k, k]
+        e = torch.exp(lk - m[bins_k])  # [B, H, n_k, k]
         s = flat_l.new_zeros(n_bins).index_add(0, flat_bins, e.reshape(-1))
-        w = (e.unsqueeze(-1) * sel.vf.unsqueeze(-2)).reshape(-1, dv)
+        w = (e.unsqueeze(-1) * vf.unsqueeze(-2)).reshape(-1, dv)
         acc = flat_l.new_zeros(n_bins, dv).index_add(0, flat_bins, w)
         pos = s > 0
         s_safe = torch.where(pos, s, torch.ones_like(s))
@@ -226,7 +241,8 @@ class SparseBackend:
         p = safe_softmax(lq + zq, dim=-1)
         return (p.unsqueeze(-1) * uq).sum(-2)  # not a batched [1, k] @ [k, d_v] matmul: far slower on CPU
 
-    def _causal(self, sel: _Selected, bins_q: Tensor, bins_k: Tensor, offset: int) -> Tensor:
+    def _causal_reads(self, sel: _Selected, bins_q: Tensor, bins_k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """``(z, u)`` each query event reads: the running state of its splat after the keys it sees."""
         batch, heads, n_k, top = sel.lk.shape
         n_q = sel.lq.shape[-2]
         dv = sel.vf.shape[-1]
@@ -246,93 +262,119 @@ class SparseBackend:
         valid = (found >= 0) & (sorted_bin[safe] == bins_q.reshape(-1)) & (pos >= 0).expand_as(bins_q).reshape(-1)
         zq = torch.where(valid, z[safe], NEG_INF).view(batch, heads, n_q, top)
         uq = u[safe].view(batch, heads, n_q, top, dv)  # finite; invalid reads get weight 0 from zq = -inf
-        return self._readout(sel.lq, zq, uq)
-
-    def _full(self, sel: _Selected, bins_q: Tensor, bins_k: Tensor, n_bins: int) -> Tensor:
-        z, m = self._totals(sel, bins_k, n_bins)
-        return self._readout(sel.lq, z[bins_q], m[bins_q])
+        return zq, uq
 
     # ------------------------------------------------------------------ AttentionBackend
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec
     ) -> tuple[Tensor, dict[str, Any]]:
         self._check(q, k, v, mask)
-        return self._forward(q, k, v, bank, mask)[0], {"backend": self.name, "top_k": self.params.top_k}
-
-    def _forward(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, Any]:
         batch, heads, n_q, _ = q.shape
         n_k, dv = k.shape[-2], v.shape[-1]
         sel = self._select(q, k, v, bank, mask.key_padding)
-        n_bins = batch * heads * bank.capacity
         if n_q == 0 or n_k == 0:
-            out = sel.vf.new_zeros(batch, heads, n_q, dv)
-            return out.to(v.dtype), sel
+            return sel.vf.new_zeros(batch, heads, n_q, dv).to(v.dtype), {"backend": self.name,
+                                                                          "top_k": self.params.top_k}
         bins_q, bins_k = self._bins(sel, bank.capacity)
         if mask.causal:
-            out = self._causal(sel, bins_q, bins_k, mask.offset(n_q, n_k))
+            zq, uq = self._causal_reads(sel, bins_q, bins_k, mask.offset(n_q, n_k))
         else:
-            out = self._full(sel, bins_q, bins_k, n_bins)
+            z, m = self._totals(sel.lk, sel.vf, bins_k, batch * heads * bank.capacity)
+            zq, uq = z[bins_q], m[bins_q]
+        out = self._readout(sel.lq, zq, uq)
         if mask.query_padding is not None:
             out = out * mask.query_padding[:, None, :, None].to(out)
-        return out.to(v.dtype), sel
+        return out.to(v.dtype), {"backend": self.name, "top_k": self.params.top_k}
+
+    def flops(self, batch: int, heads: int, n_q: int, n_k: int, head_dim: int, value_dim: int, causal: bool,
+              bank: SplatBank) -> float:
+        """Log-features against all ``K`` splats, the causal scan's ``[scan_block, scan_block]`` tiles times
+        values over the ``n_k·top_k`` key events (one scatter pass otherwise), and the ``top_k`` readout."""
+        top = min(self.params.top_k, bank.capacity)
+        scan = 2 * n_k * top * (self.params.scan_block if causal else 1) * value_dim
+        return float(batch * heads * (feature_flops(bank, n_q + n_k) + scan + 2 * n_q * top * value_dim))
 
     # ------------------------------------------------------------------ RecurrentBackend
-    @staticmethod
-    def _state_dtype(bank: SplatBank) -> torch.dtype:
-        return torch.float64 if bank.centers.dtype == torch.float64 else torch.float32
-
     def init_state(self, bank: SplatBank, batch: int, value_dim: int, device: torch.device) -> SparseState:
-        dtype = self._state_dtype(bank)
+        dtype = state_dtype(bank)
         shape = (batch, bank.n_heads, bank.capacity)
         return SparseState(
             log_norm=torch.full(shape, NEG_INF, dtype=dtype, device=device),
             memory=torch.zeros((*shape, value_dim), dtype=dtype, device=device),
         )
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec) -> tuple[Tensor, SparseState]:
-        """Causal forward over a prompt and the per-splat state after its last key."""
-        if not mask.causal or mask.query_offset not in (None, k.shape[-2] - q.shape[-2]):
-            mask = dataclasses.replace(mask, causal=True, query_offset=None)
-        self._check(q, k, v, mask)
-        out, sel = self._forward(q, k, v, bank, mask)
-        batch, heads, n_k, _ = k.shape
-        state = self.init_state(bank, batch, v.shape[-1], k.device)
-        if n_k > 0:
-            _, bins_k = self._bins(sel, bank.capacity)
-            z, m = self._totals(sel, bins_k, batch * heads * bank.capacity)
-            state = SparseState(z.view_as(state.log_norm).to(state.log_norm.dtype),
-                                m.view_as(state.memory).to(state.memory.dtype), n_k)
-        return out, state
+    @staticmethod
+    def _merge_into(state: SparseState, z_add: Tensor, m_add: Tensor) -> SparseState:
+        """``state`` with per-bin totals ``(z_add [n_bins], m_add [n_bins, d_v])`` merged in (absorbing keys)."""
+        z0 = state.log_norm.reshape(-1).to(z_add.dtype)
+        m0 = state.memory.reshape(-1, m_add.shape[-1]).to(m_add.dtype)
+        z, m = _merge(z0, m0, z_add, m_add)
+        return SparseState(z.view_as(state.log_norm), m.view_as(state.memory))
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: SparseState,
-             key_padding: Tensor | None = None) -> tuple[Tensor, SparseState]:
-        """Decode ``t >= 1`` new tokens (``[B, H, t, ·]``) one by one; each query sees its own key."""
-        if q.shape[-2] != k.shape[-2] or k.shape[-2] != v.shape[-2]:
-            raise ValueError(f"step needs as many queries as keys and values, got {tuple(q.shape)}, "
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, state: SparseState,
+               mask: MaskSpec | None = None) -> tuple[Tensor, SparseState]:
+        """Causal attention of ``n`` new aligned tokens continuing ``state`` (see ``RecurrentBackend``).
+
+        Each query event reads its splat's state merged with the block's causal prefix (the segmented
+        scan of ``forward``); the new state is the old one merged with the block's per-splat totals.
+        """
+        if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+            raise ValueError(f"extend takes aligned q, k [B, H, n, d] and v [B, H, n, d_v], got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
-        if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[-2]):
-            raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[-2]}], got {tuple(key_padding.shape)}")
-        if state.memory.shape[-1] != v.shape[-1] or state.log_norm.shape[:2] != k.shape[:2]:
-            raise ValueError(f"state for batch/heads/value dim {tuple(state.memory.shape)} does not fit "
-                             f"values {tuple(v.shape)}")
-        outs = []
-        for t in range(q.shape[-2]):
-            sl = slice(t, t + 1)
-            pad = None if key_padding is None else key_padding[:, sl]
-            sel = self._select(q[..., sl, :], k[..., sl, :], v[..., sl, :], bank, pad)
-            z, mem = state.log_norm.to(sel.lk.dtype), state.memory.to(sel.lk.dtype)
-            # fold the new key into its k splats (distinct slots, so the scatter has no duplicates)
-            ik = sel.ik[..., 0, :]
-            z_rows = z.gather(-1, ik)
-            m_rows = mem.gather(-2, ik.unsqueeze(-1).expand(-1, -1, -1, mem.shape[-1]))
-            new_z, new_m = _merge(z_rows, m_rows, sel.lk[..., 0, :],
-                                  sel.vf[..., 0, :].unsqueeze(-2).expand_as(m_rows))
-            z = z.scatter(-1, ik, new_z)
-            mem = mem.scatter(-2, ik.unsqueeze(-1).expand_as(new_m), new_m)
-            # read the query's k splats
-            iq = sel.iq[..., 0, :]
-            zq = z.gather(-1, iq)
-            uq = mem.gather(-2, iq.unsqueeze(-1).expand(-1, -1, -1, mem.shape[-1]))
-            outs.append(self._readout(sel.lq[..., 0, :], zq, uq).unsqueeze(-2).to(v.dtype))
-            state = SparseState(z, mem, state.length + 1)
-        return torch.cat(outs, dim=-2), state
+        batch, heads, n, _ = q.shape
+        dv = v.shape[-1]
+        key_padding, query_padding = aligned_mask(mask, batch, n, self.name)
+        self._check_state(state, bank, batch, heads, dv)
+        check_finite(q=q, k=k, v=v)
+        if n == 0:
+            return v.new_zeros(batch, heads, 0, dv), state
+        sel = self._select(q, k, v, bank, key_padding)
+        n_bins = batch * heads * bank.capacity
+        bins_q, bins_k = self._bins(sel, bank.capacity)
+        z0 = state.log_norm.reshape(-1).to(sel.lk.dtype)
+        m0 = state.memory.reshape(n_bins, dv).to(sel.lk.dtype)
+        if n == 1:  # a key sees itself only: its events are the block's whole prefix
+            zs, us = sel.lk, sel.vf.unsqueeze(-2).expand(*sel.lk.shape, dv)
+            z_new, m_new = _merge(z0[bins_k], m0[bins_k], zs, us)  # the k splats of the new key
+            z_all, m_all = z0.scatter(0, bins_k.reshape(-1), z_new.reshape(-1)), m0.index_copy(
+                0, bins_k.reshape(-1), m_new.reshape(-1, dv))
+            zq, uq = z_all[bins_q], m_all[bins_q]
+            new_state = SparseState(z_all.view_as(state.log_norm), m_all.view_as(state.memory))
+        else:
+            zs, us = self._causal_reads(sel, bins_q, bins_k, 0)
+            zq, uq = _merge(z0[bins_q], m0[bins_q], zs, us)
+            new_state = self._merge_into(state, *self._totals(sel.lk, sel.vf, bins_k, n_bins))
+        out = self._readout(sel.lq, zq, uq)
+        if query_padding is not None:
+            out = out * query_padding[:, None, :, None].to(out)
+        return out.to(v.dtype), new_state
+
+    def absorb(self, k: Tensor, v: Tensor, bank: SplatBank, state: SparseState,
+               key_padding: Tensor | None = None) -> SparseState:
+        """Fold keys into ``state`` through their top-k splats (order-free)."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"absorb takes k [B, H, n, d] and v [B, H, n, d_v], got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[2]}], got {tuple(key_padding.shape)}")
+        batch, heads, n, _ = k.shape
+        self._check_state(state, bank, batch, heads, v.shape[-1])
+        check_finite(k=k, v=v)
+        if n == 0:
+            return state
+        lk, ik = self._select_keys(k, bank, key_padding)
+        base = (torch.arange(batch * heads, device=ik.device) * bank.capacity).view(batch, heads, 1, 1)
+        bins_k = base + ik
+        return self._merge_into(state, *self._totals(lk, v.to(lk.dtype), bins_k, batch * heads * bank.capacity))
+
+    def readout(self, q: Tensor, bank: SplatBank, state: SparseState) -> tuple[Tensor, Tensor]:
+        """Attention of ``q`` to the state's keys through its top-k splats: ``(out, lse)`` in the compute dtype."""
+        self._check_state(state, bank, q.shape[0], q.shape[1], state.memory.shape[-1])
+        check_finite(q=q)
+        lq, iq = top_k_slots(bank.log_features(q), self.params.top_k)
+        z, m = state.log_norm.to(lq.dtype), state.memory.to(lq.dtype)
+        zq = z.gather(-1, iq.flatten(2)).view_as(iq)  # [B, H, n, k]
+        uq = m.gather(-2, iq.flatten(2).unsqueeze(-1).expand(-1, -1, -1, m.shape[-1])).view(*iq.shape, m.shape[-1])
+        logits = lq + zq
+        lse = safe_logsumexp(logits, dim=-1)
+        return self._readout(lq, zq, uq), lse
