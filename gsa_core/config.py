@@ -19,14 +19,27 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gsa_core.bank import CovarianceKind
-from gsa_core.errors import ConfigError, ParamsError, UnknownComponentError
+from gsa_core.errors import ConfigError, ParamsError, UnknownComponentError, bounded
 from gsa_core.registry import Registry, format_validation_error, get_registry
 
 CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
 
+# Upper bounds where the machine would give out first (docs/safety.md): a value beyond them validates
+# today and then dies in an allocation or an overflow minutes later.
+#: Splats per head: 65,536 slots of a 64-dim head are already ~100 MB of parameters per layer.
+MAX_SPLATS = 65_536
+#: Seeds are unsigned 63-bit: ``torch.manual_seed`` and ``torch.Generator`` overflow beyond.
+MAX_SEED = 2**63 - 1
+#: Steps, windows and token budgets: a billion is past any run this library can finish.
+MAX_STEPS = 10**9
+#: Config files are small: larger inputs are refused before parsing.
+MAX_CONFIG_BYTES = 1 << 20
+#: Values in a parsed config, counted with every YAML alias expanded (an alias bomb is refused).
+MAX_CONFIG_VALUES = 10_000
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class StrategySpec(_Strict):
@@ -98,11 +111,11 @@ SPEC_TYPES: dict[str, type[StrategySpec]] = {
 class BankConfig(_Strict):
     """Shape of every layer's splat bank."""
 
-    n_splats: int = Field(64, ge=1, description="capacity K: slots per head")
+    n_splats: int = Field(64, ge=1, le=MAX_SPLATS, description="capacity K: slots per head")
     covariance: CovarianceKind = "diagonal"
     log_normalizer: bool = Field(False, description="add -1/4 log det(2 pi Sigma) to each log-feature")
     init_scale: float = Field(1.0, gt=0, description="initial splat standard deviation")
-    min_alive: int = Field(1, ge=1, description="death never leaves a head with fewer alive slots")
+    min_alive: int = Field(1, ge=1, le=MAX_SPLATS, description="death never leaves a head with fewer alive slots")
 
     @model_validator(mode="after")
     def _min_alive_fits(self) -> BankConfig:
@@ -115,7 +128,7 @@ class AdaptationConfig(_Strict):
     """Birth and death of splats during training (off unless enabled)."""
 
     enabled: bool = False
-    window: int = Field(100, ge=1, description="steps of statistics the policies read")
+    window: int = Field(100, ge=1, le=MAX_STEPS, description="steps of statistics the policies read")
     # Defaults are names, validated (against the registry) only when a config is built.
     scheduler: SchedulerSpec = Field("interval", validate_default=True)  # type: ignore[assignment]
     death: DeathSpec = Field("low-mass", validate_default=True)  # type: ignore[assignment]
@@ -126,7 +139,7 @@ class GSAConfig(_Strict):
     """Everything that defines a GSA model beyond the host model's own weights."""
 
     schema_version: Literal[1] = 1
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     bank: BankConfig = BankConfig()
     initializer: InitializerSpec = Field("random", validate_default=True)  # type: ignore[assignment]
     backend: BackendSpec = Field("auto", validate_default=True)  # type: ignore[assignment]
@@ -139,7 +152,7 @@ class GSAConfig(_Strict):
         try:
             return cls.model_validate(dict(data))
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"invalid GSA config in {source}: {format_validation_error(exc)}") from exc
+            raise ConfigError(bounded(f"invalid GSA config in {source}: {format_validation_error(exc)}")) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> GSAConfig:
@@ -167,13 +180,27 @@ class GSAConfig(_Strict):
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse a TOML/JSON/YAML file into a mapping, with errors that name the file and line."""
+    """Parse a TOML/JSON/YAML file into a mapping, with errors that name the file and line.
+
+    Refused before or while parsing: files over :data:`MAX_CONFIG_BYTES`, text that is not UTF-8, and
+    documents with more than :data:`MAX_CONFIG_VALUES` values once YAML aliases are expanded.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"{path} is not a file")
     suffix = path.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
         raise ConfigError(f"unsupported config format {suffix!r} for {path}; use one of {', '.join(CONFIG_SUFFIXES)}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if raw is None or len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES:,} bytes: not a GSA config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
@@ -182,16 +209,56 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             import yaml
 
-            data = yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+            data = yaml.safe_load(text)  # aliases share nodes: count_values below counts without copying
+    except ConfigError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(bounded(f"cannot parse {path}: {exc or type(exc).__name__}")) from None
     except Exception as exc:  # yaml.YAMLError, kept lazy so yaml is imported only when needed
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        raise ConfigError(bounded(f"cannot parse {path}: {exc}")) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    try:
+        count_values(data, MAX_CONFIG_VALUES)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return data
+
+
+def count_values(data: Any, limit: int) -> int:
+    """Number of values in ``data`` with shared sub-trees counted every time they occur (YAML aliases).
+
+    Linear in the number of distinct containers (memoised by identity); raises :class:`ConfigError`
+    past ``limit`` or on a self-referencing structure.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("it refers to itself (a recursive YAML alias)")
+        if depth > 64:
+            raise ConfigError("it nests deeper than 64 levels")
+        active.add(key)
+        children = node.values() if isinstance(node, dict) else node
+        total = 1 + len(node) if isinstance(node, dict) else 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > limit:
+                raise ConfigError(f"it holds more than {limit:,} values (with YAML aliases expanded): "
+                                  "not a GSA config")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(data, 0)
 
 
 def config_json_schema(registry: Registry | None = None) -> dict[str, Any]:

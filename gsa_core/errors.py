@@ -102,3 +102,39 @@ class NonFiniteInputError(GSAError, ValueError):
     def at_layer(self, layer: str) -> NonFiniteInputError:
         """The same error naming the layer it happened in (a layer re-raises what its backend found)."""
         return self if self.layer else NonFiniteInputError(self.tensor, self.value, self.index, layer=layer)
+
+
+# ----------------------------------------------------------------------------- safety (docs/safety.md)
+#: Longest message a user is shown: a million bad keys must not print a 50 MB line.
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters, saying how much was left out."""
+    if len(message) <= limit:
+        return message
+    tail = " ... ({:,} more characters)"
+    keep = max(0, limit - len(tail.format(len(message))))
+    return message[:keep] + tail.format(len(message) - keep)
+
+
+class InputFileError(GSAError, ValueError):
+    """A file given as input (config, script, corpus, tokenizer) that is missing, unreadable or malformed."""
+
+
+class OutputPathError(GSAError, ValueError):
+    """A destination that cannot or must not be written (a file, read-only, the source, not empty)."""
+
+
+class CheckpointError(GSAError, ValueError):
+    """A training/distillation checkpoint that is truncated, foreign, unsafe or does not fit the run."""
+
+
+class ModelLoadError(GSAError, ValueError):
+    """A model folder (or hub id) that cannot be loaded: missing files, corrupt config or weights."""
+
+
+class RunInterrupted(GSAError):
+    """A run stopped by Ctrl+C after writing its checkpoint; the message says how to resume."""
+
+    exit_status = 130

@@ -17,7 +17,6 @@ from gsa_core.bank import SplatBank
 from gsa_core.errors import ConfigError, GSAError
 from gsa_core.masks import MaskSpec
 from gsa_plugins.adapters import (
-    INSTALL_HINT,
     ModelMismatchError,
     UnsupportedModelError,
     convert,
@@ -173,8 +172,11 @@ def saved_gsa(tmp_path):
     return model, tmp_path / "ckpt"
 
 
-def test_loading_without_the_package_says_what_to_install(saved_gsa, tmp_path):
+def test_loading_without_the_package_never_runs_code_from_the_folder(saved_gsa, tmp_path):
+    """A checkpoint holds no code and no ``auto_map``: even ``trust_remote_code=True`` finds nothing to run, and
+    transformers refuses the unknown ``gsa_*`` model type (never a silent plain load, never a prompt)."""
     _, path = saved_gsa
+    (path / "gsa_checkpoint.py").write_text("open(__file__ + '.ran', 'w').close()\n")  # planted by someone else
     code = BLOCK_GSA + textwrap.dedent(f"""
         from transformers import AutoModelForCausalLM
         for trust in (True, False):
@@ -187,9 +189,8 @@ def test_loading_without_the_package_says_what_to_install(saved_gsa, tmp_path):
     result = _run(code, tmp_path)
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2, result.stdout + result.stderr
-    assert lines[0].startswith("ImportError") and INSTALL_HINT in lines[0]
-    # without trust_remote_code transformers refuses the unknown gsa_* model type (never a silent plain load)
-    assert "LOADED" not in result.stdout and "trust_remote_code" in lines[1]
+    assert all("gsa_gpt_neo" in line for line in lines) and "LOADED" not in result.stdout
+    assert not (path / "gsa_checkpoint.py.ran").exists()
 
 
 def test_load_converted_rejects_plain_checkpoints(tmp_path):
@@ -199,16 +200,16 @@ def test_load_converted_rejects_plain_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_fresh_process_loads_with_trust_remote_code(saved_gsa, tmp_path):
+def test_fresh_process_loads_with_load_converted(saved_gsa, tmp_path):
     model, path = saved_gsa
     ids, mask = batch()
     expected = logits(model, ids, mask)
     torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "io.pt")
     code = textwrap.dedent(f"""
         import torch
-        from transformers import AutoModelForCausalLM
+        from gsa_plugins.adapters import load_converted
         io = torch.load({str(tmp_path / "io.pt")!r})
-        model = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        model = load_converted({str(path)!r}).eval()
         with torch.no_grad():
             out = model(input_ids=io["ids"], attention_mask=io["mask"]).logits
         print(type(model).__name__, float((out - io["expected"]).abs().max()))

@@ -6,22 +6,27 @@ A converted model becomes an instance of a GSA subclass of its own class (``GPTN
 attaches the GSA layers described by ``config.gsa``, so ``from_pretrained`` rebuilds the exact
 structure and loads every weight, splat banks included.
 
-Loading a saved GSA checkpoint:
+Loading a saved GSA checkpoint never prompts for or runs code from the checkpoint folder
+(docs/safety.md): checkpoints carry no ``auto_map`` and no Python file, and every loader here passes
+``trust_remote_code=False``.
 
 - ``gsa_plugins.adapters.load_converted(path)``: one call, nothing else to import;
 - ``AutoModel*.from_pretrained(path)`` after :func:`register_auto_classes` (or after any conversion
-  or ``load_converted`` in the process);
-- ``AutoModel*.from_pretrained(path, trust_remote_code=True)`` in any process: the checkpoint's
-  ``auto_map`` points to a small stub (``gsa_checkpoint.py``) that imports this package, or fails with
-  a message saying ``pip install gaussian-splat-attention`` when it is not installed. Without
-  ``trust_remote_code`` transformers refuses the unknown ``gsa_*`` model type rather than silently
-  loading the model without its GSA layers.
+  or ``load_converted`` in the process). Without it transformers refuses the unknown ``gsa_*`` model
+  type rather than silently loading the model without its GSA layers;
+- :func:`load_tokenizer` for the tokenizer saved with a model (plain ``AutoTokenizer`` works too).
+
+Loading errors (missing or truncated files, a corrupt ``config.json``, a wrong field type) become one
+:class:`~gsa_core.errors.ModelLoadError` naming the folder (:func:`model_load_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +38,11 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from gsa_core.config import GSAConfig
-from gsa_core.errors import ConfigError
+from gsa_core.errors import ConfigError, GSAError, ModelLoadError, bounded
 from gsa_core.registry import get_registry
-from gsa_plugins.adapters.base import INSTALL_HINT, MODEL_TYPE_PREFIX, UnsupportedModelError
+from gsa_plugins.adapters.base import MODEL_TYPE_PREFIX, UnsupportedModelError
 from gsa_plugins.adapters.interface import ensure_registered
 
-STUB_MODULE = "gsa_checkpoint"
 ensure_registered()  # the ``gsa`` attention function exists wherever GSA classes can be built
 _lock = threading.RLock()
 _config_classes: dict[type, type] = {}
@@ -91,12 +95,10 @@ def _gsa_init(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> 
 
 
 def _gsa_save_pretrained(self: PreTrainedModel, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-    original = type(self)._gsa_original
-    self.config.auto_map = checkpoint_auto_map(original.config_class.model_type)
-    result = original.save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        write_stub(Path(save_directory), original.config_class.model_type)
-    return result
+    """``save_pretrained`` without an ``auto_map`` (one loaded from an older checkpoint is dropped): an
+    ``auto_map`` makes transformers offer to run code from the folder (docs/safety.md)."""
+    self.config.__dict__.pop("auto_map", None)
+    return type(self)._gsa_original.save_pretrained(self, save_directory, *args, **kwargs)
 
 
 def _gsa_prepare_cache_for_generation(self: PreTrainedModel, generation_config: Any, model_kwargs: dict,
@@ -168,7 +170,8 @@ def register_auto_classes() -> None:
             register_family(model_type)
 
 
-checkpoint_classes = register_family  # the name the checkpoint stub imports
+#: The name that the ``gsa_checkpoint.py`` stub of checkpoints written by versions before 0.2 imports.
+checkpoint_classes = register_family
 
 
 def __getattr__(name: str) -> type:
@@ -209,78 +212,194 @@ def finalize(model: nn.Module, cfg: GSAConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_auto_map(model_type: str) -> dict[str, str]:
-    config_cls = CONFIG_MAPPING[model_type]
-    auto_map = {"AutoConfig": f"{STUB_MODULE}.GSA{config_cls.__name__}"}
-    for auto_name, class_name in _mapped_names(model_type).items():
-        auto_map[auto_name] = f"{STUB_MODULE}.GSA{class_name}"
-    return auto_map
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
-_STUB = '''"""Written by gaussian-splat-attention: this checkpoint uses Gaussian Splat Attention (GSA).
-
-Loading it needs the GSA package ({hint}). With it installed, any of these works:
-``gsa_plugins.adapters.load_converted(path)``, or ``AutoModel*.from_pretrained(path, trust_remote_code=True)``.
-"""
-
-try:
-    from gsa_plugins.adapters.hf import checkpoint_classes
-except ImportError as exc:
-    raise ImportError(
-        "This checkpoint was converted to Gaussian Splat Attention (GSA) and needs the GSA package to load: "
-        "{hint}"
-    ) from exc
-
-globals().update(checkpoint_classes({model_type!r}))
-'''
+def looks_local(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` means a folder here rather than a hub id (``name`` or ``org/name``)."""
+    text = str(source)
+    return (Path(text).expanduser().exists() or text.startswith((".", "/", "~", "\\")) or text.count("/") > 1
+            or (os.sep != "/" and os.sep in text))
 
 
-def write_stub(directory: Path, model_type: str) -> Path:
-    path = directory / f"{STUB_MODULE}.py"
-    path.write_text(_STUB.format(hint=INSTALL_HINT, model_type=model_type), encoding="utf-8")
-    return path
+def safetensors_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a ``.safetensors`` file's framing (empty, truncated, bad header), or None.
+
+    Reads only the header: the byte count it promises must be the file's size, which catches every
+    truncation and a zero-byte file before a loader fails with a cryptic message.
+    """
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "it is empty" if size == 0 else f"it is truncated ({size} bytes)"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, 100 << 20):
+                return f"its header is damaged or the file truncated ({size:,} bytes)"
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid (the file is damaged)"
+    if not isinstance(header, dict):
+        return "its header is not valid (the file is damaged)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "its header is not valid (the file is damaged)"
+    if 8 + length + end != size:
+        return f"it is truncated or damaged ({size:,} bytes where its header promises {8 + length + end:,})"
+    return None
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a local checkpoint folder, or of a hub id via transformers."""
-    local = Path(path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
-    from transformers import PretrainedConfig
+    """``config.json`` of a local model folder (checked: a folder, a JSON object, weights present and intact),
+    or of a hub id via transformers; every problem is a :class:`ModelLoadError` naming the folder."""
+    if not looks_local(path):
+        from transformers import PretrainedConfig
 
-    data, _ = PretrainedConfig.get_config_dict(str(path))
+        with model_load_errors(path):
+            data, _ = PretrainedConfig.get_config_dict(str(path))
+        return data
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist: give a folder saved with save_pretrained")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file: give the model's folder (saved with save_pretrained)")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{folder} is not a model folder (no config.json): give a folder saved with "
+                             "save_pretrained")
+    try:
+        data = json.loads(config.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {config}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(bounded(f"{config} is not valid JSON ({exc}); restore or re-save the model")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type", ""), str):
+        raise ModelLoadError(f"{config} is not a model config (a JSON object with a 'model_type' string)")
+    check_weights(folder)
     return data
+
+
+def check_weights(folder: str | os.PathLike[str]) -> None:
+    """A local model folder has a weights file and its ``.safetensors`` files are whole."""
+    base = Path(folder)
+    present = [name for name in WEIGHT_FILES if (base / name).is_file()]
+    if not present:
+        raise ModelLoadError(f"{base} has no model weights (none of {', '.join(WEIGHT_FILES)}): was the save "
+                             "interrupted? Save or convert the model again")
+    files = [base / "model.safetensors"] if "model.safetensors" in present else []
+    if not files and "model.safetensors.index.json" in present:
+        try:
+            index = json.loads((base / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            files = sorted({base / str(name) for name in index["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{base / 'model.safetensors.index.json'} is damaged: save the model again") from None
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise ModelLoadError(f"{file} cannot be loaded: {problem}. Save, convert or train the model again")
+
+
+@contextlib.contextmanager
+def model_load_errors(source: str | os.PathLike[str], what: str = "model") -> Iterator[None]:
+    """Inside, any failure of transformers/safetensors to load ``source`` becomes one :class:`ModelLoadError`
+    naming it (transformers raises OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError and
+    safetensors' own errors for damaged input; the original stays chained for ``--debug``)."""
+    try:
+        yield
+    except GSAError:
+        raise
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
+        local = looks_local(source)
+        where = f"in {source}" if local else f"from the hub model {str(source)!r}"
+        if isinstance(exc, ImportError):
+            hint = "install what it names"
+        elif local:
+            hint = "check that the folder holds a complete model saved with save_pretrained"
+        else:
+            hint = ("it is not a local folder and could not be fetched: check the name and the network, or that "
+                    "HF_HUB_OFFLINE is unset")
+        raise ModelLoadError(bounded(f"could not load the {what} {where}: {first} ({hint})", 600)) from exc
+
+
+def _register_for(data: dict[str, Any]) -> None:
+    """Register the GSA classes a checkpoint config names (so transformers resolves them locally)."""
+    for entry in (data, data.get("encoder"), data.get("decoder")):
+        model_type = str(entry.get("model_type", "")) if isinstance(entry, dict) else ""
+        if model_type.startswith(MODEL_TYPE_PREFIX) and model_type[len(MODEL_TYPE_PREFIX):] in CONFIG_MAPPING:
+            register_family(model_type[len(MODEL_TYPE_PREFIX):])
+
+
+def is_gsa_checkpoint(data: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` mapping (:func:`read_checkpoint_config`) is that of a converted model."""
+    return data.get("gsa") is not None and (str(data.get("model_type", "")).startswith(MODEL_TYPE_PREFIX)
+                                             or data.get("model_type") == "encoder-decoder")
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in a model or tokenizer folder, without following any ``auto_map``.
+
+    The GSA classes a checkpoint names are registered first, so transformers resolves its config
+    locally and never asks whether to run the folder's code.
+    """
+    from transformers import AutoTokenizer
+
+    source = str(path)
+    if looks_local(source):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"tokenizer folder {folder} does not exist" if not folder.exists() else
+                                 f"{folder} is a file: give the folder of a saved tokenizer")
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                                          "vocab.json", "tokenizer.model", "spiece.model")):
+            raise ModelLoadError(f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json): give a "
+                                 "folder saved with tokenizer.save_pretrained")
+        with contextlib.suppress(ModelLoadError, OSError, ValueError):
+            config = folder / "config.json"
+            if config.is_file():
+                _register_for(json.loads(config.read_text(encoding="utf-8")))
+    with model_load_errors(source, "tokenizer"):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def load_converted(path: str | Path, *, model_class: type | None = None, **kwargs: Any) -> PreTrainedModel:
     """Load a saved GSA checkpoint (``from_pretrained`` of its GSA class); ``kwargs`` go to ``from_pretrained``.
 
     ``model_class`` picks another head (e.g. ``transformers.GPTNeoModel``); by default the class the
-    checkpoint was saved from.
+    checkpoint was saved from. Never runs code from the folder (``trust_remote_code=False``).
     """
     data = read_checkpoint_config(path)
-    model_type = str(data.get("model_type", ""))
-    if model_type == "encoder-decoder" and data.get("gsa") is not None:
-        from transformers import EncoderDecoderModel
-
-        for part in ("encoder", "decoder"):
-            sub_type = str(data.get(part, {}).get("model_type", ""))
-            if sub_type.startswith(MODEL_TYPE_PREFIX):
-                register_family(sub_type[len(MODEL_TYPE_PREFIX):])
-        return EncoderDecoderModel.from_pretrained(path, **kwargs)
-    if data.get("gsa") is None or not model_type.startswith(MODEL_TYPE_PREFIX):
+    kwargs["trust_remote_code"] = False
+    if not is_gsa_checkpoint(data):
         raise ConfigError(
             f"{path} is not a GSA checkpoint (its config.json has no 'gsa' entry); convert the model first "
             f"(gsa convert SRC DST --config FILE, or gsa_plugins.adapters.convert)"
         )
-    register_family(model_type[len(MODEL_TYPE_PREFIX):])
-    if model_class is None:
-        arch = (data.get("architectures") or [None])[0]
-        name = arch[len("GSA"):] if isinstance(arch, str) and arch.startswith("GSA") else arch
-        original = getattr(transformers, name, None) if name else None
-        if not isinstance(original, type):
-            from transformers import AutoModel
+    model_type = str(data.get("model_type", ""))
+    base_type = model_type[len(MODEL_TYPE_PREFIX):]
+    if model_type != "encoder-decoder" and base_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{path}: model type {model_type!r} is not a GSA form of a model type this transformers "
+                             "knows")
+    _register_for(data)
+    with model_load_errors(path):
+        if model_type == "encoder-decoder":
+            from transformers import EncoderDecoderModel
 
-            return AutoModel.from_pretrained(path, **kwargs)
-        model_class = original
-    return gsa_model_class(model_class).from_pretrained(path, **kwargs)
+            return EncoderDecoderModel.from_pretrained(path, **kwargs)
+        if model_class is None:
+            arch = (data.get("architectures") or [None])[0]
+            name = arch[len("GSA"):] if isinstance(arch, str) and arch.startswith("GSA") else arch
+            original = getattr(transformers, name, None) if isinstance(name, str) else None
+            if not isinstance(original, type) or not issubclass(original, PreTrainedModel):
+                from transformers import AutoModel
+
+                return AutoModel.from_pretrained(path, **kwargs)
+            model_class = original
+        return gsa_model_class(model_class).from_pretrained(path, **kwargs)

@@ -3,14 +3,15 @@
 Why a table of commands: ``/help`` is generated from it and an unknown command gets the list (and a
 close match), so the help can never drift from what the loop accepts. Input lines ending in ``\\``
 continue on the next line, and a line of ``\"\"\"`` opens and closes a multi-line block. Ctrl+C during a
-reply stops it and keeps the text so far; at the prompt it only clears the line; Ctrl+D exits.
+reply stops it and keeps the text so far; at the prompt it only clears the line; Ctrl+D exits (inside a
+block or a continued line, it first sends what was typed). Input that is not valid UTF-8 is kept with
+U+FFFD in place of the bad bytes; output never passes terminal control characters through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,12 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from gsa_common.text import terminal_safe, valid_text
+
 from gsa_chat.session import ChatSession
 from gsa_core.errors import GSAError, did_you_mean
 
 PROMPT, CONTINUE_PROMPT = "> ", "... "
 BLOCK = '"""'
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # control characters except \t and \n
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ class Output:
 
     def text(self, piece: str) -> None:
         """Streamed model text, with terminal control characters made visible instead of obeyed."""
-        self.stream.write(_CONTROL.sub("\ufffd", piece))
+        self.stream.write(terminal_safe(piece))
         self.stream.flush()
 
     def note(self, message: str, style: str = "dim") -> None:
         """A line of our own; stored model text in it (``/history``) is made as harmless as streamed text."""
-        message = _CONTROL.sub("\ufffd", message)
+        message = terminal_safe(message)
         if self._console is not None:
             from rich.markup import escape
 
@@ -66,18 +68,32 @@ class Output:
         self.note(f"error: {message}", style="bold red")
 
 
+class EndOfInput(EOFError):
+    """Ctrl+D (or the end of a script) inside a block or a continued line: ``partial`` is what came before."""
+
+    def __init__(self, partial: str):
+        super().__init__("end of input inside a message")
+        self.partial = partial
+
+
 def read_message(read_line: Callable[[str], str]) -> str:
-    """One message: continued by a trailing backslash, or a block between lines of three double quotes."""
+    """One message: continued by a trailing backslash, or a block between lines of three double quotes.
+
+    The end of input in the middle of one raises :class:`EndOfInput` carrying the lines read so far.
+    """
     first = read_line(PROMPT)
-    if first.strip() == BLOCK:
-        lines: list[str] = []
-        while (line := read_line(CONTINUE_PROMPT)).strip() != BLOCK:
-            lines.append(line)
-        return "\n".join(lines)
-    lines = [first]
-    while lines[-1].endswith("\\") and not lines[-1].endswith("\\\\"):
-        lines[-1] = lines[-1][:-1]
-        lines.append(read_line(CONTINUE_PROMPT))
+    lines: list[str] = []
+    try:
+        if first.strip() == BLOCK:
+            while (line := read_line(CONTINUE_PROMPT)).strip() != BLOCK:
+                lines.append(line)
+            return "\n".join(lines)
+        lines.append(first)
+        while lines[-1].endswith("\\") and not lines[-1].endswith("\\\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(read_line(CONTINUE_PROMPT))
+    except EOFError:
+        raise EndOfInput("\n".join(lines)) from None
     return "\n".join(lines)
 
 
@@ -100,14 +116,21 @@ class Repl:
     def __init__(self, chat: ChatSession, out: Output | None = None,
                  read_line: Callable[[str], str] | None = None):
         self.chat, self.out = chat, out or Output()
-        self.read_line = read_line or _terminal_input()
+        raw = read_line or _terminal_input()
+        self.read_line = lambda prompt: valid_text(raw(prompt))
 
     def run(self) -> int:
         self.out.note(f"gsa chat: {self.chat.chat_model.name} · template {self.chat.template.name} · session "
                       f"{self.chat.session.label}. /help lists commands; /exit or Ctrl+D quits.")
-        while True:
+        leaving = False
+        while not leaving:
             try:
                 message = read_message(self.read_line)
+            except EndOfInput as end:
+                self.out.text("\n")
+                message, leaving = end.partial, True
+                if message.strip():
+                    self.out.note("(end of input inside a message: sending what was typed)")
             except EOFError:
                 self.out.text("\n")
                 break
@@ -151,6 +174,8 @@ class Repl:
 
 
 def _terminal_input() -> Callable[[str], str]:
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # bytes that are not UTF-8 reach valid_text
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -267,4 +292,4 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-__all__ = ["COMMANDS", "Output", "Repl", "read_message", "script_reader", "sigint_sets"]
+__all__ = ["COMMANDS", "EndOfInput", "Output", "Repl", "read_message", "script_reader", "sigint_sets"]

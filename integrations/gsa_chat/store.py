@@ -4,17 +4,27 @@ Why SQLite in WAL mode: a reply is written while it streams (the row is created 
 and its text updated as it grows), so a crash or a killed process mid-reply loses at most the last
 few tokens and never an earlier message; WAL lets ``gsa logs`` read while a chat writes. The schema
 version lives in ``PRAGMA user_version`` and :data:`MIGRATIONS` brings an older file up to date.
+
+The file is private to the user (0600, as SQLite gives its ``-wal``/``-shm`` files the database's
+mode), and every way it can be unusable (damaged, truncated, another program's database, read-only,
+locked) is one :class:`StoreError` naming the file and what to do, never a ``sqlite3`` traceback.
+``gsa logs`` opens it read-only (``read_only=True``) and so never changes or creates it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+from gsa_data.files import PRIVATE_FILE_MODE, make_private
 
 from gsa_core.errors import GSAError
 
@@ -50,10 +60,33 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+#: Columns each table must have for a file to count as a gsa chat database.
+REQUIRED_COLUMNS = {"sessions": {"id", "name", "model", "template", "settings", "system", "created_at", "updated_at"},
+                    "messages": {"id", "session_id", "role", "content", "status", "created_at"}}
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
 
 
 class SessionNotFoundError(GSAError):
     """``/load`` or ``--session`` named a session that does not exist."""
+
+
+class StoreError(GSAError):
+    """The chat database cannot be used: damaged, foreign, read-only, locked or out of space."""
+
+
+def _advice(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "not a database" in text or "malformed" in text or "disk i/o" in text:
+        return "it is damaged or not a gsa chat database: move it away and gsa starts a new one"
+    if "readonly" in text or "read-only" in text:
+        return "it is read-only: fix its permissions (and its folder's), or use GSA_HOME to choose another place"
+    if "locked" in text or "busy" in text:
+        return "another program holds it locked: close the other gsa chat and try again"
+    if "full" in text:
+        return "the disk is full: free some space"
+    if "unable to open" in text:
+        return "it cannot be opened: check that it and its folder exist and are readable"
+    return "move it away and gsa starts a new one"
 
 
 @dataclass
@@ -91,28 +124,98 @@ def default_path() -> Path:
 
 
 class Store:
-    """The session database. Every write commits at once (autocommit), so nothing waits in memory."""
+    """The session database. Every write commits at once (autocommit), so nothing waits in memory.
 
-    def __init__(self, path: str | Path | None = None):
+    ``read_only``: open an existing file for reading only (no migration, nothing created or changed).
+    """
+
+    def __init__(self, path: str | Path | None = None, *, read_only: bool = False):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
-        self._migrate()
+        self.read_only = read_only
+        self.conn: sqlite3.Connection | None = None
+        with self._errors("open"):
+            self.conn = self._connect_read_only() if read_only else self._connect_read_write()
+            self.conn.row_factory = sqlite3.Row
+            self._check_schema()
 
-    def _migrate(self) -> None:
+    def _connect_read_write(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # created private; SQLite gives -wal/-shm the same mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+        for suffix in ("", "-wal", "-shm"):  # tighten a file made by an older version (0644)
+            make_private(self.path.with_name(self.path.name + suffix))
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise sqlite3.OperationalError("unable to open database file")
+        uri = f"file:{quote(str(self.path.resolve()))}"
+        try:
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:  # a WAL file in a folder we cannot write: read the file as it is
+            if "not a database" in str(exc):
+                raise
+            return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+
+    def _check_schema(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise GSAError(f"{self.path} has schema version {version}, newer than this gsa understands "
-                           f"({SCHEMA_VERSION}); upgrade gaussian-splat-attention")
+            raise StoreError(f"{self.path} has schema version {version}, newer than this gsa understands "
+                             f"({SCHEMA_VERSION}); upgrade gaussian-splat-attention")
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and tables - {"sqlite_sequence"}:
+            raise StoreError(f"{self.path} is an SQLite database of another program (tables: "
+                             f"{', '.join(sorted(tables))}), not a gsa chat database: move it away, or set GSA_HOME "
+                             "to use another folder")
+        if version == 0 and self.read_only:
+            return  # an empty file: no sessions, and reading must not create the tables
+        if version > 0:
+            for table, needed in REQUIRED_COLUMNS.items():
+                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                if not needed <= have:
+                    raise StoreError(f"{self.path} is not a gsa chat database (table {table!r} lacks "
+                                     f"{', '.join(sorted(needed - have))}): move it away and gsa starts a new one")
         for target in range(version + 1, SCHEMA_VERSION + 1):
             self.conn.executescript(f"BEGIN; {MIGRATIONS[target - 1]} PRAGMA user_version = {target}; COMMIT;")
 
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """``sqlite3`` errors inside become one :class:`StoreError` naming the file and what to do."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if self.conn is not None and action == "open":
+                self.conn.close()
+            raise StoreError(f"cannot {action} the chat database {self.path}: {exc}; {_advice(exc)}") from None
+
+    def _sql(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        with self._errors("write"):
+            return self.conn.execute(sql, params)
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._errors("read"):
+            return self.conn.execute(sql, params).fetchall()
+
+    def _empty(self) -> bool:
+        """A read-only view of a file that has no tables yet (no sessions)."""
+        return self.read_only and self.user_version() == 0
+
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
     def __enter__(self) -> Store:
         return self
@@ -124,7 +227,7 @@ class Store:
     def create_session(self, *, model: str = "", template: str = "", settings: dict[str, Any] | None = None,
                        system: str = "") -> Session:
         now = time.time()
-        cur = self.conn.execute(
+        cur = self._sql(
             "INSERT INTO sessions (model, template, settings, system, created_at, updated_at) VALUES (?,?,?,?,?,?)",
             (model, template, json.dumps(settings or {}), system, now, now),
         )
@@ -140,11 +243,11 @@ class Store:
         if "name" in fields and fields["name"] is not None:
             self._check_name_free(fields["name"], session_id)
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE sessions SET {sets}, updated_at = ? WHERE id = ?",
-                          (*fields.values(), time.time(), session_id))
+        self._sql(f"UPDATE sessions SET {sets}, updated_at = ? WHERE id = ?",
+                  (*fields.values(), time.time(), session_id))
 
     def _check_name_free(self, name: str, session_id: int) -> None:
-        row = self.conn.execute("SELECT id FROM sessions WHERE name = ? AND id != ?", (name, session_id)).fetchone()
+        row = next(iter(self._rows("SELECT id FROM sessions WHERE name = ? AND id != ?", (name, session_id))), None)
         if row is not None:
             raise GSAError(f"the name {name!r} is already used by session #{row['id']}; choose another name")
 
@@ -152,10 +255,13 @@ class Store:
         """A session by id (``12``, ``"12"``, ``"#12"``) or by name."""
         row = None
         text = str(key).strip()
-        if text.lstrip("#").isdigit():
-            row = self.conn.execute("SELECT * FROM sessions WHERE id = ?", (int(text.lstrip("#")),)).fetchone()
+        if self._empty():
+            raise SessionNotFoundError(f"no chat session with id or name {text!r}. There are no saved sessions yet.")
+        digits = text.lstrip("#")
+        if digits.isascii() and digits.isdigit() and len(digits) < 20 and int(digits) <= MAX_ID:
+            row = next(iter(self._rows("SELECT * FROM sessions WHERE id = ?", (int(digits),))), None)
         if row is None:
-            row = self.conn.execute("SELECT * FROM sessions WHERE name = ?", (text,)).fetchone()
+            row = next(iter(self._rows("SELECT * FROM sessions WHERE name = ?", (text,))), None)
         if row is None:
             known = [s.label for s in self.sessions(limit=10)]
             hint = f" Recent sessions: {', '.join(known)}." if known else " There are no saved sessions yet."
@@ -167,18 +273,22 @@ class Store:
 
     def latest_session(self) -> Session | None:
         """The session written to most recently (``gsa chat --continue``)."""
-        row = self.conn.execute("SELECT id FROM sessions ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+        if self._empty():
+            return None
+        row = next(iter(self._rows("SELECT id FROM sessions ORDER BY updated_at DESC, id DESC LIMIT 1")), None)
         return None if row is None else self.session(row["id"])
 
     def sessions(self, limit: int | None = None) -> list[Session]:
         """Sessions, most recently updated first, with their messages counted but not loaded."""
+        if self._empty():
+            return []
         sql = "SELECT * FROM sessions ORDER BY updated_at DESC, id DESC"
-        rows = self.conn.execute(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ()).fetchall()
+        rows = self._rows(sql + (" LIMIT ?" if limit else ""), (min(limit, MAX_ID),) if limit else ())
         return [_session(r) for r in rows]
 
     def message_count(self, session_id: int) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM messages WHERE session_id = ? AND status != 'replaced'",
-                                 (session_id,)).fetchone()[0]
+        return self._rows("SELECT COUNT(*) FROM messages WHERE session_id = ? AND status != 'replaced'",
+                          (session_id,))[0][0]
 
     # messages ------------------------------------------------------------------------------------
     def add_message(self, session_id: int, role: str, content: str, status: str = "done") -> int:
@@ -187,37 +297,40 @@ class Store:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
         now = time.time()
-        cur = self.conn.execute(
+        cur = self._sql(
             "INSERT INTO messages (session_id, role, content, status, created_at) VALUES (?,?,?,?,?)",
             (session_id, role, content, status, now),
         )
-        self.conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+        self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
         return int(cur.lastrowid)
 
     def update_message(self, message_id: int, *, content: str | None = None, status: str | None = None) -> None:
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
         if content is not None:
-            self.conn.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+            self._sql("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
         if status is not None:
-            self.conn.execute("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
+            self._sql("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
     def messages(self, session_id: int, *, include_replaced: bool = False) -> list[Message]:
         where = "" if include_replaced else " AND status != 'replaced'"
-        rows = self.conn.execute(f"SELECT * FROM messages WHERE session_id = ?{where} ORDER BY id",
-                                 (session_id,)).fetchall()
+        rows = self._rows(f"SELECT * FROM messages WHERE session_id = ?{where} ORDER BY id", (session_id,))
         return [Message(**dict(r)) for r in rows]
 
     def journal_mode(self) -> str:
-        return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
+        return str(self._rows("PRAGMA journal_mode")[0][0])
 
     def user_version(self) -> int:
-        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._rows("PRAGMA user_version")[0][0])
 
 
 def _session(row: sqlite3.Row) -> Session:
     data = dict(row)
-    data["settings"] = json.loads(data["settings"] or "{}")
+    try:  # a hand-edited or damaged row: its session still opens, with default settings
+        settings = json.loads(data["settings"] or "{}")
+    except (ValueError, TypeError):
+        settings = {}
+    data["settings"] = settings if isinstance(settings, dict) else {}
     return Session(**data)
 
 

@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     out = Output()
     lines = None
     if args.script is not None:
-        if not args.script.is_file():
-            raise GSAError(f"--script {args.script}: no such file")
-        lines = args.script.read_text(encoding="utf-8").splitlines()
+        from gsa_data.files import read_text
+
+        lines = read_text(args.script, what="--script").splitlines()
     chat_model = load_chat_model(args.model)
     store = Store()
     key = args.session

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gsa_cli.output import print_json
 from gsa_core.config import GSAConfig, config_json_schema
+from gsa_core.errors import OutputPathError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,11 @@ def _summary(config: GSAConfig) -> list[str]:
 def run_schema(args: argparse.Namespace) -> int:
     text = json.dumps(config_json_schema(), indent=2)
     if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+        from gsa_data.files import atomic_write_text
+
+        if args.out.is_dir():
+            raise OutputPathError(f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'schema.json'}")
+        atomic_write_text(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
         print(text)

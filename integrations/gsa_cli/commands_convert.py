@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="reload DST and check it reproduces the converted model (and, with --passthrough, "
                              "the original) exactly")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty DST, replacing the files of the same names")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     parser.set_defaults(handler=run)
 
@@ -33,12 +35,13 @@ def _load_source(src: str) -> Any:
 
     from gsa_plugins.adapters import load_kwargs
 
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if not isinstance(cls, type):
         cls = AutoModel
-    return cls.from_pretrained(src, **load_kwargs(config))  # the attention implementation its adapter wraps
+    # the attention implementation its adapter wraps; never code from the folder
+    return cls.from_pretrained(src, trust_remote_code=False, **load_kwargs(config))
 
 
 def _copy_tokenizer(src: str, dst: Path) -> list[str]:
@@ -67,13 +70,22 @@ def _probe(model: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsa_data.files import check_destination, publish, staging_dir
+
     from gsa_core.config import GSAConfig
+    from gsa_core.errors import ModelLoadError
     from gsa_plugins.adapters import convert, detect_adapter, gsa_layers, load_converted
     from gsa_plugins.adapters.base import as_gsa_config
+    from gsa_plugins.adapters.hf import is_gsa_checkpoint, model_load_errors, read_checkpoint_config
 
     cfg = as_gsa_config(args.config) if args.config else GSAConfig()  # config errors before the slow load
+    check_destination(args.dst, sources=[args.src], force=args.force)  # before anything is loaded or written
+    if is_gsa_checkpoint(read_checkpoint_config(args.src)):
+        raise ModelLoadError(f"{args.src} is already a GSA checkpoint: convert the original model, or go on "
+                             f"fitting this one with gsa distill {args.src} DST")
     start = time.perf_counter()
-    model = _load_source(args.src).eval()
+    with model_load_errors(args.src):
+        model = _load_source(args.src).eval()
     if args.passthrough:
         name = args.adapter or (cfg.adapter.name if cfg.adapter else None) or detect_adapter(model).name
         params = dict(cfg.adapter.params) if cfg.adapter and cfg.adapter.name == name else {}
@@ -81,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
     reference = _probe(model) if args.verify and args.passthrough else None
     original_class = type(model).__name__
     convert(model, cfg, adapter=args.adapter)
-    args.dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.dst)
-    tokenizer_files = _copy_tokenizer(args.src, args.dst)
+    with staging_dir(args.dst) as staged:  # each file moved in once complete: never half a model in DST
+        model.save_pretrained(staged)
+        tokenizer_files = _copy_tokenizer(args.src, staged)
+        publish(staged, args.dst)
     adapter = model.config.gsa["adapter"]
     summary: dict[str, Any] = {
         "src": args.src, "dst": str(args.dst), "model": original_class, "saved_as": type(model).__name__,

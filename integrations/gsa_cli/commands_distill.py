@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue from DST/checkpoints/last.pt")
+    parser.add_argument("--force", action="store_true",
+                        help="distil into a non-empty DST, replacing its files (an old checkpoint stays until this "
+                             "run writes its own)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
@@ -57,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     """File ``[distill]`` settings, then the flags given on the command line (flags win)."""
-    from gsa_distill.settings import DEFAULT_GSA, DistillSettings, read_settings_file
+    from gsa_distill.settings import DEFAULT_GSA, DistillSettings, check_effective, read_settings_file
 
     gsa: dict[str, Any] = dict(DEFAULT_GSA)
     values: dict[str, Any] = {}
@@ -78,14 +81,21 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         values["resume"] = True
     if args.no_progress:
         values["progress"] = False
+    check_effective(values)
     values.update(source=args.src, output=args.dst, gsa=gsa)
     return DistillSettings.build(**values)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsa_data.files import check_destination
     from gsa_distill import distill
 
+    from gsa_plugins.adapters.hf import read_checkpoint_config
+
     settings = settings_from_args(args)  # every settings error before the slow load
+    check_destination(args.dst, sources=[args.src], writes=[args.dst / "model"], force=args.force,
+                      resume=args.resume)
+    read_checkpoint_config(args.src)  # a model folder with intact weights, before anything is written
     runner = distill(settings)
     report = runner.report
     if not runner.dp.is_main:

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from gsa_train.interrupt import DEFAULT_CHECKPOINT_EVERY
 from gsa_train.layouts import LAYOUTS
 
 from gsa_cli.output import print_json, print_table
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the layout's)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
-    parser.add_argument("--block-len", type=int, default=128, help="tokens per row")
+    parser.add_argument("--block-len", type=int, default=None,
+                        help="tokens per row (default 128, or the layout's positions if fewer)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -35,8 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: end only)")
     parser.add_argument("--eval-blocks", type=int, default=256, help="held-out rows evaluated")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                        help=f"checkpoint every N steps (default {DEFAULT_CHECKPOINT_EVERY}; 0: only on Ctrl+C, which "
+                             "always writes one)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="train into a non-empty OUT, replacing its model files (an old checkpoint stays until "
+                             "this run writes its own)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print train.json's summary as JSON")
     parser.set_defaults(handler=run)
@@ -63,10 +70,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsa_data.files import check_destination
     from gsa_train.distributed import DataParallel
     from gsa_train.loop import train
 
-    settings = settings_from_args(args)
+    settings = settings_from_args(args)  # every setting is checked before anything is written
+    sources = [p for p in (settings.tokenizer, Path(settings.corpus)) if p is not None]
+    check_destination(settings.out, sources=sources, force=args.force, resume=args.resume, flag="--out")
     with DataParallel.from_env() as dp:
         result = train(settings, dp)
         if not dp.is_main:

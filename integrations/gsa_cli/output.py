@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from gsa_common.text import terminal_safe
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from gsa_core.errors import bounded
 
 
 def print_json(data: Any) -> None:
@@ -18,13 +22,15 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=escape(terminal_safe(title)), title_justify="left", show_lines=False)
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else escape(str(v)) for v in row))
+        table.add_row(*("" if v is None else escape(terminal_safe(str(v))) for v in row))
     Console(soft_wrap=False, width=max(100, Console().width)).print(table)
 
 
 def error(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    """One line on stderr: newlines folded, control characters neutralised, at most 1,000 characters."""
+    line = bounded(terminal_safe(re.sub(r"\s*\n\s*", " ", message.strip())))
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False)

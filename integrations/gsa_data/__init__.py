@@ -16,6 +16,7 @@ inputs.
 from gsa_data.corpus import (
     Document,
     Split,
+    corpus_problem,
     load_corpus,
     pack_passages,
     pydoc_topics,
@@ -27,6 +28,6 @@ from gsa_data.corpus import (
 )
 
 __all__ = [
-    "Document", "Split", "load_corpus", "pack_passages", "pydoc_topics", "split_documents", "split_paragraphs",
-    "split_sentences", "stdlib_docstrings", "text_folder",
+    "Document", "Split", "corpus_problem", "load_corpus", "pack_passages", "pydoc_topics", "split_documents",
+    "split_paragraphs", "split_sentences", "stdlib_docstrings", "text_folder",
 ]

@@ -140,6 +140,18 @@ def load_corpus(source: str | os.PathLike[str] = "stdlib") -> list[Document]:
     raise ValueError(f"unknown corpus {str(source)!r}: use one of {', '.join(CORPORA)} or a folder of text files")
 
 
+def corpus_problem(source: str | os.PathLike[str]) -> str | None:
+    """Why ``source`` is not a corpus :func:`load_corpus` can read (checked without reading it), or None."""
+    if isinstance(source, str) and source in CORPORA:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"corpus {str(source)!r} is a file: give a folder of .txt files, or one of {', '.join(CORPORA)}"
+    return f"unknown corpus {str(source)!r}: use one of {', '.join(CORPORA)} or a folder of text files"
+
+
 # ----------------------------------------------------------------------------- split
 def _unit_hash(salt: str, key: str) -> float:
     digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()

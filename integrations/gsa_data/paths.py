@@ -2,6 +2,7 @@
 
 ``GSA_HOME`` overrides both (tests and sandboxes point it at a temporary folder); otherwise the
 platform's per-user folders (``platformdirs``: ``~/.local/share/gsa`` and ``~/.cache/gsa`` on Linux).
+Both are private to the user (0700): they hold chat transcripts and models trained on their text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from pathlib import Path
 
 from platformdirs import user_cache_dir, user_data_dir
+
+from gsa_data.files import private_dir
 
 HOME_ENV = "GSA_HOME"
 
@@ -22,14 +25,10 @@ def _home() -> Path | None:
 def data_dir() -> Path:
     """Per-user data (the chat session database); created on first use."""
     home = _home()
-    path = home / "data" if home else Path(user_data_dir("gsa", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(home / "data" if home else Path(user_data_dir("gsa", appauthor=False)))
 
 
 def cache_dir() -> Path:
     """Per-user cache (models trained on first use); safe to delete, rebuilt when needed."""
     home = _home()
-    path = home / "cache" if home else Path(user_cache_dir("gsa", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(home / "cache" if home else Path(user_cache_dir("gsa", appauthor=False)))

@@ -26,6 +26,12 @@ class CharLMShape:
     max_len: int = 512
 
 
+def split_heads(attn: GSAMultiheadAttention, x: Tensor) -> Tensor:
+    """``[batch, n, d_model]`` projections as ``[batch, heads, n, head_dim]`` (the layout the backends take)."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
 class Block(nn.Module):
     def __init__(self, shape: CharLMShape, config: GSAConfig) -> None:
         super().__init__()
@@ -85,7 +91,7 @@ class CharGSALM(nn.Module):
 
     def _qkv(self, block: Block, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         attn = block.attn
-        return attn._split(attn.q_proj(h)), attn._split(attn.k_proj(h)), attn._split(attn.v_proj(h))
+        return split_heads(attn, attn.q_proj(h)), split_heads(attn, attn.k_proj(h)), split_heads(attn, attn.v_proj(h))
 
     def _merge(self, block: Block, out: Tensor) -> Tensor:
         batch, _, n, _ = out.shape

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from gsa_core.config import GSAConfig
 from gsa_core.registry import get_registry
 from gsa_core.testing import relative_rmse
-from gsa_demo.model import CharGSALM, CharLMShape
+from gsa_demo.model import CharGSALM, CharLMShape, split_heads
 
 DEFAULT_CONFIG = "default.toml"
 
@@ -57,7 +57,7 @@ def calibrate(model: CharGSALM, tokens: torch.Tensor) -> None:
             proj = getattr(attn, f"{name}_proj")
             hooks.append(proj.register_forward_hook(
                 lambda _m, _i, out, i=i, name=name, attn=attn: captured.setdefault(i, {}).__setitem__(
-                    name, attn._split(out).permute(1, 0, 2, 3).reshape(attn.num_heads, -1, attn.head_dim))))
+                    name, split_heads(attn, out).permute(1, 0, 2, 3).reshape(attn.num_heads, -1, attn.head_dim))))
     model(tokens)
     for h in hooks:
         h.remove()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from gsa_core.adaptation.update import apply_update
 from gsa_core.config import GSAConfig
+from gsa_core.errors import CheckpointError, ConfigError, bounded
 from gsa_distill import checkpoint
 from gsa_distill.evaluate import embedding_agreement, mean_pool, sentence_embeddings
 from gsa_distill.regularisers import regularisation
@@ -39,27 +40,40 @@ def load_source(source: str) -> tuple[nn.Module, Any]:
     encoder-decoder as the class its config names, else the bare encoder (``AutoModel``); with the attention
     implementation its adapter needs (``gsa_plugins.adapters.load_kwargs``)."""
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from gsa_plugins.adapters import load_kwargs
+    from gsa_plugins.adapters.hf import (
+        is_gsa_checkpoint,
+        load_converted,
+        load_tokenizer,
+        model_load_errors,
+        read_checkpoint_config,
+    )
 
     path = Path(source)
     if not path.is_dir():
-        from gsa_core.errors import ConfigError
-
         raise ConfigError(f"source model folder not found: {source} (give a folder saved with save_pretrained)")
-    config = AutoConfig.from_pretrained(path)
-    causal = bool(getattr(config, "is_decoder", False)) or any(
-        a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
-    cls: Any = AutoModelForCausalLM if causal else AutoModel
-    if getattr(config, "is_encoder_decoder", False):  # no Auto class loads a composite: the one it names
-        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
-        cls = named if isinstance(named, type) else cls
-    model = cls.from_pretrained(path, **load_kwargs(config))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = read_checkpoint_config(path)  # a model folder with intact weights
+    tokenizer = load_tokenizer(path)  # never follows an auto_map (docs/safety.md)
+    if is_gsa_checkpoint(data):  # already converted: distillation goes on fitting its splats
+        return load_converted(path).eval(), _with_pad(tokenizer)
+    with model_load_errors(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        causal = bool(getattr(config, "is_decoder", False)) or any(
+            a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+        cls: Any = AutoModelForCausalLM if causal else AutoModel
+        if getattr(config, "is_encoder_decoder", False):  # no Auto class loads a composite: the one it names
+            named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+            cls = named if isinstance(named, type) else cls
+        model = cls.from_pretrained(path, trust_remote_code=False, **load_kwargs(config))
+    return model.eval(), _with_pad(tokenizer)
+
+
+def _with_pad(tokenizer: Any) -> Any:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def training_texts(settings: DistillSettings) -> tuple[list[str], list[str]]:
@@ -70,11 +84,15 @@ def training_texts(settings: DistillSettings) -> tuple[list[str], list[str]]:
     if settings.texts is not None:
         texts = [t for t in settings.texts if t.strip()]
         if len(texts) < 2:
-            raise ValueError("distillation needs at least two texts (one is held out)")
+            raise ConfigError("distillation needs at least two texts (one is held out)")
         n_held = max(1, round(len(texts) * settings.heldout_fraction))
         train, held = texts[:-n_held], texts[-n_held:]
     else:
-        split = split_documents(load_corpus(settings.corpus), settings.heldout_fraction)
+        try:
+            documents = load_corpus(settings.corpus)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read corpus {settings.corpus!r}: {exc}") from None
+        split = split_documents(documents, settings.heldout_fraction)
         train = pack_passages(split.train, max_chars=settings.passage_chars)
         held = pack_passages(split.heldout, max_chars=settings.passage_chars)
     rng = random.Random(settings.seed)
@@ -193,7 +211,11 @@ class Distiller:
         if model is None:
             model, tokenizer = load_source(settings.source)
         if tokenizer is None:
-            raise ValueError("distill() needs a tokenizer with the model")
+            raise ConfigError("distill() needs a tokenizer with the model")
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and settings.max_length > positions:
+            raise ConfigError(f"max_length {settings.max_length} exceeds the model's {positions} positions: use "
+                              f"--max-length {positions} or less")
         self.model, self.tokenizer = model, tokenizer
         self.report: dict[str, Any] = {"schema": SCHEMA, "settings": settings.model_dump(mode="json")}
         self.timings: dict[str, float] = {}
@@ -212,7 +234,7 @@ class Distiller:
 
         torch.manual_seed(self.s.seed)
         if is_converted(self.model) and self.s.window is not None:
-            raise ValueError("settings.window applies at conversion, but the model given is already converted: pass "
+            raise ConfigError("settings.window applies at conversion, but the model given is already converted: pass "
                              "the original model, or set its layers to 'hybrid' when converting")
         if not is_converted(self.model):
             cfg = self.s.gsa_config().model_copy(update={"seed": self.s.seed})
@@ -221,7 +243,7 @@ class Distiller:
             self.model = convert(self.model, cfg)
         self.layers = gsa_layers(self.model)
         if not self.layers:
-            raise ValueError("the converted model has no GSA layers (every layer is 'exact'); nothing to distil")
+            raise ConfigError("the converted model has no GSA layers (every layer is 'exact'); nothing to distil")
         self.cfg = GSAConfig.from_model_config(self.model.config)
         self.causal = any(layer.causal for layer in self.layers.values())
 
@@ -232,7 +254,7 @@ class Distiller:
 
         train, held = training_texts(self.s)
         if not train:
-            raise ValueError("no training text")
+            raise ConfigError(f"corpus {self.s.corpus!r} gives no training text: give a folder with more .txt files")
         adapter = adapter_for(self.model)
 
         def inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -323,11 +345,31 @@ class Distiller:
         from (``0, []`` for a fresh start)."""
         if resume is None:
             return 0, []
-        checkpoint.load_trainable_state(self.model, resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if controller is not None and resume["controller"] is not None:
-            controller.load_state_dict(resume["controller"])
-        return resume["step"], list(resume["history"])
+        source = self.ckpt_dir / checkpoint.FILE if self.ckpt_dir is not None else "checkpoint"
+        checkpoint.load_trainable_state(self.model, resume["model"], source)
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            if controller is not None and resume["controller"] is not None:
+                controller.load_state_dict(resume["controller"])
+            return int(resume["step"]), list(resume["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise CheckpointError(bounded(f"{source} does not fit this run ({type(exc).__name__}: {exc}); "
+                                          f"{checkpoint.FIX}")) from None
+
+    def _interrupt_if_asked(self, stage: int, step: int, steps: int, optimizer: torch.optim.Optimizer,
+                            controller: Any, history: list[dict[str, Any]]) -> None:
+        """After a step: on Ctrl+C (any rank), write the checkpoint and stop with how to resume (exit 130)."""
+        stop = getattr(self, "_stop", None)
+        if stop is None or step >= steps or not stop.agreed(self.dp):
+            return
+        from gsa_train.interrupt import StopRequest
+
+        if self.ckpt_dir is None:
+            raise KeyboardInterrupt
+        self._save_ckpt(stage, step, optimizer, controller, history)
+        self.dp.barrier()
+        raise StopRequest.interrupted(step, steps, self.ckpt_dir / checkpoint.FILE,
+                                      f"the same gsa distill command with --resume (stage {stage})")
 
     def stage1(self, resume: dict[str, Any] | None) -> None:
         from gsa_plugins.adapters import set_passthrough
@@ -367,6 +409,7 @@ class Distiller:
                 bar.update(task, f"rel. MSE {value:.4f}")
                 if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
                     self._save_ckpt(1, step + 1, optimizer, controller, history)
+                self._interrupt_if_asked(1, step + 1, steps, optimizer, controller, history)
         for layer in self.layers.values():
             layer.train(False)
         if controller is not None:
@@ -390,9 +433,10 @@ class Distiller:
         if loss == "auto":
             return "logit-kl" if self.causal else "embedding-cosine"
         if loss == "embedding-cosine" and self.causal:
-            raise ValueError("task_loss 'embedding-cosine' is for encoders; use next-token or logit-kl for a causal LM")
+            raise ConfigError("task_loss 'embedding-cosine' is for encoders; use next-token or logit-kl for a causal "
+                              "LM")
         if loss in ("next-token", "logit-kl") and not self.causal:
-            raise ValueError(f"task_loss {loss!r} needs a causal LM; use embedding-cosine for an encoder")
+            raise ConfigError(f"task_loss {loss!r} needs a causal LM; use embedding-cosine for an encoder")
         return loss
 
     def stage2(self, resume: dict[str, Any] | None) -> None:
@@ -450,6 +494,7 @@ class Distiller:
                 bar.update(task, f"{loss_name} {value:.5f}")
                 if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
                     self._save_ckpt(2, step + 1, optimizer, controller, history)
+                self._interrupt_if_asked(2, step + 1, steps, optimizer, controller, history)
         for layer in self.layers.values():
             layer.train(False)
         if controller is not None:
@@ -495,6 +540,30 @@ class Distiller:
         resume = None
         if self.s.resume and self.ckpt_dir is not None:
             resume = checkpoint.load(self.ckpt_dir)
+            if resume is None:
+                raise ConfigError(f"cannot resume: no checkpoint at {self.ckpt_dir / checkpoint.FILE} (a run writes "
+                                  "one every checkpoint_every steps and on Ctrl+C)")
+            self._check_resume(resume)
+        from gsa_train.interrupt import StopRequest
+
+        with StopRequest("distillation") as self._stop:
+            return self._run(resume, started)
+
+    def _check_resume(self, resume: dict[str, Any]) -> None:
+        from gsa_distill.settings import RESUME_KEYS
+
+        saved = resume["report"].get("settings") if isinstance(resume.get("report"), dict) else None
+        if not isinstance(saved, dict) or resume.get("stage") not in (1, 2):
+            raise CheckpointError(f"{self.ckpt_dir / checkpoint.FILE} records no distillation settings: it is not "
+                                  f"from gsa distill; {checkpoint.FIX}")
+        current = self.s.model_dump(mode="json")
+        changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ConfigError(bounded(f"cannot resume {self.s.output}: settings differ from the checkpoint's "
+                                      f"({details}); use the same settings, or start again without --resume"))
+
+    def _run(self, resume: dict[str, Any] | None, started: float) -> dict[str, Any]:
         self.convert()
         self.data()
         if resume is None:
@@ -529,10 +598,15 @@ class Distiller:
         return self.report
 
     def save(self, out: Path) -> None:
+        """``out/model`` and ``out/distill.json``, each file moved in only once complete (``gsa_data.files``)."""
+        from gsa_data.files import atomic_write_text, publish, staging_dir
+
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out / "model")
-        self.tokenizer.save_pretrained(out / "model")
-        (out / "distill.json").write_text(json.dumps(self.report, indent=1, default=str) + "\n")
+        with staging_dir(out) as staged:
+            self.model.save_pretrained(staged)
+            self.tokenizer.save_pretrained(staged)
+            publish(staged, out / "model")
+        atomic_write_text(out / "distill.json", json.dumps(self.report, indent=1, default=str) + "\n")
 
 
 def distill(settings: DistillSettings | Mapping[str, Any], *, model: nn.Module | None = None, tokenizer: Any = None,

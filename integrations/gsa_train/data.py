@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gsa_data import Document, load_corpus, pack_passages, split_documents
+from gsa_data import Document, corpus_problem, load_corpus, pack_passages, split_documents
 from torch import Tensor
 
 from gsa_core.errors import ConfigError
@@ -55,13 +55,21 @@ def documents(source: str | os.PathLike[str] = "stdlib") -> list[Document]:
     text = str(source)
     if text.startswith(HF_PREFIX):
         return _hf_documents(text[len(HF_PREFIX):])
+    check_corpus(text)
     try:
         docs = load_corpus(source)
-    except ValueError:
-        raise ConfigError(f"unknown corpus {text!r}: use {CORPUS_HELP}") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot read corpus {text!r}: {exc}") from None
     if not docs:
         raise ConfigError(f"corpus {text!r} has no text (a folder needs non-empty .txt files)")
     return docs
+
+
+def check_corpus(source: str) -> str:
+    """``source`` if it names a corpus (``hf:NAME``, a built-in name, a folder), else a :class:`ConfigError`."""
+    if not source.startswith(HF_PREFIX) and corpus_problem(source) is not None:
+        raise ConfigError(f"{corpus_problem(source)}; corpora: {CORPUS_HELP}")
+    return source
 
 
 def load_texts(source: str | os.PathLike[str] = "stdlib", *, heldout_fraction: float = 0.1,
@@ -69,12 +77,17 @@ def load_texts(source: str | os.PathLike[str] = "stdlib", *, heldout_fraction: f
     """Split ``source`` by document (deterministic, :func:`gsa_data.split_documents`), then cut passages."""
     docs = documents(source)
     split = split_documents(docs, heldout_fraction)
-    return TextSplit(
+    texts = TextSplit(
         source=str(Path(source)) if not str(source).startswith(HF_PREFIX) and Path(source).is_dir() else str(source),
         train=tuple(pack_passages(split.train, max_chars=max_chars, min_chars=min_chars)),
         heldout=tuple(pack_passages(split.heldout, max_chars=max_chars, min_chars=min_chars)),
         n_documents=len(docs),
     )
+    if not texts.train or not texts.heldout:
+        raise ConfigError(f"corpus {str(source)!r} is too small: {len(docs)} document(s) give {len(texts.train)} "
+                          f"training and {len(texts.heldout)} held-out passages of {min_chars}+ characters; training "
+                          "needs at least two documents (one is held out)")
+    return texts
 
 
 def encode_blocks(tokenizer: Any, texts: tuple[str, ...] | list[str], block_len: int) -> Tensor:
@@ -102,9 +115,10 @@ def batch_rows(n_blocks: int, batch_size: int, step: int, seed: int) -> Tensor:
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        seeded = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63)  # any seed, any epoch fits
+        perm = torch.randperm(n_blocks, generator=seeded)
         out.extend(perm[offset: offset + batch_size - len(out)].tolist())
     return torch.tensor(out, dtype=torch.long)
 
 
-__all__ = ["CORPUS_HELP", "TextSplit", "batch_rows", "documents", "encode_blocks", "load_texts"]
+__all__ = ["CORPUS_HELP", "TextSplit", "batch_rows", "check_corpus", "documents", "encode_blocks", "load_texts"]

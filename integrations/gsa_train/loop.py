@@ -10,6 +10,10 @@ Deterministic for a seed: batches are a pure function of ``(seed, step)``
 (:func:`gsa_train.data.batch_rows`) and the model has no dropout, so a run resumed from a checkpoint
 ends with the same weights as an uninterrupted one, and ``torchrun`` ranks (each taking its shard of
 the same global batch, gradients averaged) follow the single-process run up to float rounding.
+
+Safe by construction (docs/safety.md): every setting is validated before anything is written; the
+checkpoint (every :data:`DEFAULT_CHECKPOINT_EVERY` steps, and on Ctrl+C) is replaced atomically and
+loaded with ``weights_only=True``; the final model is written next to the folder and moved in file by file.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from typing import Any, Literal
 
 import pydantic
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from gsa_core.adaptation.update import apply_update
-from gsa_core.errors import ConfigError
+from gsa_core.config import MAX_SEED, MAX_STEPS
+from gsa_core.errors import ConfigError, GSAError, bounded
 from gsa_core.registry import format_validation_error
-from gsa_train.data import batch_rows, encode_blocks, load_texts
+from gsa_train.data import batch_rows, check_corpus, encode_blocks, load_texts
 from gsa_train.distributed import DataParallel
+from gsa_train.interrupt import DEFAULT_CHECKPOINT_EVERY, StopRequest
 from gsa_train.layouts import LAYOUTS, describe, gpt_neo_config, layout
 
 #: GSA settings used when ``attention="gsa"`` and no config is given: global layers GSA with the exact
@@ -49,6 +55,15 @@ DEFAULT_GSA: dict[str, Any] = {
                    "death": "low-mass", "birth": "clone"},
 }
 CHECKPOINT = "checkpoint"
+#: Rows per batch and tokenizer vocabulary beyond which the logits alone exhaust a machine's memory.
+MAX_BATCH_SIZE = 4096
+MAX_VOCAB_SIZE = 1_000_000
+#: What a checkpoint must hold (anything else is another program's file).
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "history", "evals", "rng", "settings")
+
+
+class TrainingDivergedError(GSAError, FloatingPointError):
+    """The loss became NaN or infinite."""
 #: Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("corpus", "layout", "attention", "gsa", "batch_size", "block_len", "seed", "vocab_size", "tokenizer")
 
@@ -56,7 +71,7 @@ RESUME_KEYS = ("corpus", "layout", "attention", "gsa", "batch_size", "block_len"
 class TrainSettings(BaseModel):
     """Everything one training run depends on (recorded in ``train.json``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: Path = Field(description="folder for the model, tokenizer, checkpoint and train.json")
     corpus: str = Field("stdlib", description="stdlib | a folder of .txt files | hf:NAME")
@@ -64,22 +79,25 @@ class TrainSettings(BaseModel):
     attention: Literal["softmax", "gsa"] = "softmax"
     gsa: dict[str, Any] | None = Field(None, description="GSA config (dict); None: DEFAULT_GSA")
     tokenizer: Path | None = Field(None, description="use this saved tokenizer instead of training one")
-    vocab_size: int | None = Field(None, ge=259, description="tokenizer vocabulary (default: the layout's)")
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="global batch (split across torchrun processes)")
-    block_len: int = Field(128, ge=2, description="tokens per training row")
+    vocab_size: int | None = Field(None, ge=259, le=MAX_VOCAB_SIZE,
+                                   description="tokenizer vocabulary (default: the layout's)")
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE, description="global batch (split across torchrun processes)")
+    block_len: int | None = Field(None, ge=2, description="tokens per training row (None: 128, or the layout's "
+                                  "positions if fewer; always an int after validation)")
     lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
-    eval_every: int = Field(0, ge=0, description="held-out evaluation every N steps (0: at the end only)")
-    eval_blocks: int = Field(256, ge=1, description="held-out rows evaluated")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
-    log_every: int = Field(10, ge=1)
-    calibration_tokens: int = Field(4096, ge=1, description="tokens whose q/k initialise the banks (GSA)")
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="held-out evaluation every N steps (0: at the end only)")
+    eval_blocks: int = Field(256, ge=1, le=MAX_STEPS, description="held-out rows evaluated")
+    checkpoint_every: int = Field(DEFAULT_CHECKPOINT_EVERY, ge=0, le=MAX_STEPS,
+                                  description="checkpoint every N steps (0: only on Ctrl+C)")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
+    calibration_tokens: int = Field(4096, ge=1, le=MAX_STEPS, description="tokens whose q/k initialise the banks (GSA)")
     resume: bool = False
     progress: bool | None = Field(None, description="rich progress bar (None: when stderr is a terminal)")
     stop_after: int | None = Field(None, ge=1, description="stop after this step (tests: simulate an interruption)")
@@ -90,13 +108,34 @@ class TrainSettings(BaseModel):
         layout(value)
         return value
 
+    @field_validator("corpus")
+    @classmethod
+    def _known_corpus(cls, value: str) -> str:
+        return check_corpus(value)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"tokenizer folder {value} " + ("is a file" if value.exists() else "does not exist"))
+        return value
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> TrainSettings:
+        positions = LAYOUTS[self.layout].max_position_embeddings if self.layout in LAYOUTS else None
+        if self.block_len is None:
+            self.block_len = min(128, positions or 128)
+        elif positions is not None and self.block_len > positions:
+            raise ValueError(f"block_len {self.block_len} exceeds layout {self.layout!r}'s {positions} positions")
+        return self
+
     @classmethod
     def build(cls, **values: Any) -> TrainSettings:
         """Validate, turning pydantic's errors into one :class:`ConfigError` naming each bad field."""
         try:
             return cls.model_validate(values)
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"invalid training settings: {format_validation_error(exc)}") from None
+            raise ConfigError(bounded(f"invalid training settings: {format_validation_error(exc)}")) from None
 
     def gsa_dict(self) -> dict[str, Any]:
         data = dict(DEFAULT_GSA if self.gsa is None else self.gsa)
@@ -138,30 +177,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def load_trained(path: str | os.PathLike[str]) -> Any:
     """A model saved by :func:`train`: GSA checkpoints through ``load_converted``, softmax ones as GPT-Neo."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    if str(config.get("model_type", "")).startswith("gsa_"):
-        from gsa_plugins.adapters import load_converted
+    from gsa_plugins.adapters.hf import is_gsa_checkpoint, load_converted, model_load_errors, read_checkpoint_config
 
+    if is_gsa_checkpoint(read_checkpoint_config(path)):
         return load_converted(path)
     from transformers import GPTNeoForCausalLM
 
-    return GPTNeoForCausalLM.from_pretrained(path, attn_implementation="eager")
+    with model_load_errors(path):
+        return GPTNeoForCausalLM.from_pretrained(path, attn_implementation="eager", trust_remote_code=False)
 
 
 def _tokenizer(s: TrainSettings, texts: tuple[str, ...], dp: DataParallel) -> Any:
-    from transformers import AutoTokenizer
-
+    from gsa_plugins.adapters.hf import load_tokenizer
     from gsa_train.tokenizer import train_tokenizer
 
     if s.tokenizer is not None:
-        return AutoTokenizer.from_pretrained(s.tokenizer)
+        tokenizer = load_tokenizer(s.tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"--tokenizer {s.tokenizer}: the tokenizer has no end-of-text token (eos), which "
+                              "training uses between passages")
+        return tokenizer
     if s.resume and (s.out / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(s.out)
+        return load_tokenizer(s.out)
     if dp.is_main:  # one rank trains it, the others read the same files
         train_tokenizer(texts, s.vocab_size or layout(s.layout).vocab_size,
                         model_max_length=layout(s.layout).max_position_embeddings, save_to=s.out)
     dp.barrier()
-    return AutoTokenizer.from_pretrained(s.out)
+    return load_tokenizer(s.out)
 
 
 def _calibrate(model: nn.Module, cfg: Any, blocks: Tensor, tokens: int, batch_size: int) -> dict[str, Any]:
@@ -229,18 +271,51 @@ def _progress(enabled: bool, total: int, start: int) -> Iterator[Any]:
         yield lambda info: bar.update(task, advance=1, info=info)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _check_resume(s: TrainSettings, saved: Any) -> None:
+    from gsa_core.errors import CheckpointError
 
-
-def _check_resume(s: TrainSettings, saved: dict[str, Any]) -> None:
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"the checkpoint in {s.out / CHECKPOINT} records no settings: it is not from gsa train")
     current = s.model_dump(mode="json")
     changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume {s.out}: settings differ from the checkpoint's ({details})")
+        raise ConfigError(bounded(f"cannot resume {s.out}: settings differ from the checkpoint's ({details})"))
+
+
+def _restore(path: Path, s: TrainSettings, model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], int, list, list]:
+    """Load ``state.pt`` (tensors and plain data only) into the model and optimizer: ``(state, step, history,
+    evals)``; every problem is a :class:`CheckpointError` naming the file."""
+    from gsa_data.files import load_checkpoint
+
+    from gsa_core.errors import CheckpointError
+
+    fix = "delete it (or the folder) and train again without --resume"
+    state = load_checkpoint(path, required=CHECKPOINT_KEYS, what="training checkpoint", fix=fix)
+    _check_resume(s, state["settings"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])  # the controller's statistics subsample tokens with the global generator
+        step, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(bounded(f"training checkpoint {path} does not fit this model: {first}; {fix}")) from None
+    if not 0 <= step < s.steps:
+        raise CheckpointError(f"training checkpoint {path} is at step {step}, outside this run's {s.steps} steps; "
+                              f"{fix}")
+    return state, step, history, evals
+
+
+def _save_state(path: Path, step: int, s: TrainSettings, model: nn.Module, optimizer: torch.optim.Optimizer,
+                controller: Any, history: list, evals: list, calibration: Any) -> None:
+    from gsa_data.files import save_checkpoint
+
+    save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "controller": None if controller is None else controller.state_dict(),
+                     "history": history, "evals": evals, "calibration": calibration,
+                     "rng": torch.get_rng_state(), "settings": s.model_dump(mode="json")}, path)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -263,18 +338,21 @@ def train(settings: TrainSettings | dict[str, Any], dp: DataParallel | None = No
 def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
     from gsa_common import load_average, utc_now
 
+    from gsa_core.errors import OutputPathError
+
     t_start = time.perf_counter()
     ckpt_path = s.out / CHECKPOINT / "state.pt"
-    if s.resume and not ckpt_path.exists():
-        raise ConfigError(f"cannot resume: no checkpoint at {ckpt_path} (train with --checkpoint-every first)")
-    lay = layout(s.layout)
-    if s.block_len > lay.max_position_embeddings:
-        raise ConfigError(f"block_len {s.block_len} exceeds layout {s.layout!r}'s {lay.max_position_embeddings} "
-                          "positions")
-    s.out.mkdir(parents=True, exist_ok=True)
-    if not s.resume and ckpt_path.exists() and dp.is_main:  # a fresh run never leaves an older run's checkpoint
-        ckpt_path.unlink()
+    if s.resume and not ckpt_path.is_file():
+        raise ConfigError(f"cannot resume: no checkpoint at {ckpt_path} (a run writes one every "
+                          "--checkpoint-every steps and on Ctrl+C)")
+    if s.out.exists() and not s.out.is_dir():
+        raise OutputPathError(f"--out {s.out} is a file, not a folder")
+    # Nothing is deleted: an older run's checkpoint stays until this run's first checkpoint replaces it.
     texts = load_texts(s.corpus, heldout_fraction=s.heldout_fraction)
+    try:
+        s.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create --out {s.out}: {exc.strerror or exc}") from None
     tokenizer = _tokenizer(s, texts.train, dp)
     blocks = encode_blocks(tokenizer, texts.train, s.block_len)
     heldout = encode_blocks(tokenizer, texts.heldout, s.block_len)[: s.eval_blocks]
@@ -289,13 +367,8 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.95))
     start, history, evals, state = 0, [], [], None
     if s.resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _check_resume(s, state["settings"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
+        state, start, history, evals = _restore(ckpt_path, s, model, optimizer)
         calibration = state.get("calibration")
-        torch.set_rng_state(state["rng"])  # the controller's statistics subsample tokens with the global generator
     controller = None
     if cfg is not None and cfg.adaptation.enabled:
         from gsa_core.adaptation.controller import AdaptationController
@@ -304,12 +377,23 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
         # the controller's per-slot Adam correction keeps references to the groups it was given
         controller = AdaptationController(model, cfg, optimizer)
         if state is not None and state.get("controller") is not None:
-            controller.load_state_dict(state["controller"])
+            from gsa_core.errors import CheckpointError
+
+            try:
+                controller.load_state_dict(state["controller"])
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+                raise CheckpointError(f"training checkpoint {ckpt_path}: its adaptation state does not fit ({exc!r});"
+                                      " delete it and train again without --resume") from None
+
+    def save_state(step: int) -> None:
+        if dp.is_main:
+            _save_state(ckpt_path, step, s, model, optimizer, controller, history, evals, calibration)
+        dp.barrier()
 
     show = (sys.stderr.isatty() if s.progress is None else s.progress) and dp.is_main
     end = min(s.steps, s.stop_after or s.steps)
     t_loop, tokens_seen, losses = time.perf_counter(), 0, []
-    with _progress(show, s.steps, start) as tick:
+    with _progress(show, s.steps, start) as tick, StopRequest("training") as stop:
         for step in range(start, end):
             lr = lr_at(step, s)
             for group in optimizer.param_groups:
@@ -323,7 +407,7 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
             grad_norm = float("nan") if update.grad_norm is None else update.grad_norm
             value = dp.mean(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step}; try a lower --lr")
+                raise TrainingDivergedError(f"training loss became {value} at step {step}; try a lower --lr")
             losses.append(value)
             tokens_seen += s.batch_size * s.block_len
             if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
@@ -334,14 +418,12 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
                 evals.append({"step": step + 1, **evaluate(model, heldout, s.batch_size, dp)})
             if tick is not None:
                 tick(f"loss {value:.3f}")
+            if step + 1 < s.steps and stop.agreed(dp):
+                save_state(step + 1)
+                raise StopRequest.interrupted(step + 1, s.steps, ckpt_path,
+                                              "the same gsa train command with --resume")
             if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
-                if dp.is_main:
-                    (s.out / CHECKPOINT).mkdir(exist_ok=True)
-                    _atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "controller": None if controller is None else controller.state_dict(),
-                                  "history": history, "evals": evals, "calibration": calibration,
-                                  "rng": torch.get_rng_state(), "settings": s.model_dump(mode="json")}, ckpt_path)
-                dp.barrier()
+                save_state(step + 1)
     train_seconds = time.perf_counter() - t_loop
     if end < s.steps:  # stopped early on purpose: leave the checkpoint, write nothing final
         return TrainResult(s.out, {"stopped_at": end})
@@ -374,11 +456,16 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
     if controller is not None:
         controller.remove_hooks()
     if dp.is_main:
-        model.save_pretrained(s.out)
-        tokenizer.save_pretrained(s.out)
-        (s.out / "train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        from gsa_data.files import publish, staging_dir
+
+        with staging_dir(s.out) as staged:  # moved in file by file once complete: never half a model
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+            (staged / "train.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+            publish(staged, s.out)
     dp.barrier()
     return TrainResult(s.out, metrics)
 
 
-__all__ = ["DEFAULT_GSA", "TrainResult", "TrainSettings", "build_model", "evaluate", "load_trained", "lr_at", "train"]
+__all__ = ["DEFAULT_CHECKPOINT_EVERY", "DEFAULT_GSA", "TrainResult", "TrainSettings", "TrainingDivergedError",
+           "build_model", "evaluate", "load_trained", "lr_at", "train"]

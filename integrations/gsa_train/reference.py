@@ -8,13 +8,16 @@ held-out perplexity than the same model with softmax attention (65 vs 106, ``gsa
 and it decodes with the constant-memory recurrent cache. The cache folder name carries a version, so
 changing the recipe below (bump :data:`CHAT_MODEL_VERSION`) retrains instead of reusing a stale model.
 Training happens in a temporary folder that is renamed into place at the end, so an interrupted run
-never leaves a half cache.
+never leaves a half cache; a cache damaged later (a truncated ``model.safetensors``, a file missing or
+not valid JSON) is detected on use and trained again (:func:`cache_problem`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,29 @@ def chat_model_dir() -> Path:
     return cache_dir() / "models" / CHAT_MODEL_NAME
 
 
-def is_cached(path: Path | None = None) -> bool:
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "train.json")
+
+
+def cache_problem(path: Path | None = None) -> str | None:
+    """What is wrong with the cached model in ``path`` (missing, truncated or corrupt files), or None."""
+    from gsa_plugins.adapters.hf import safetensors_problem
+
     path = chat_model_dir() if path is None else path
-    return all((path / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json",
-                                                   "train.json"))
+    missing = [name for name in CACHE_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in CACHE_FILES:
+        if name.endswith(".json"):
+            try:
+                json.loads((path / name).read_bytes())
+            except (OSError, ValueError):
+                return f"{name} is not valid JSON"
+    problem = safetensors_problem(path / "model.safetensors")
+    return None if problem is None else f"model.safetensors: {problem}"
+
+
+def is_cached(path: Path | None = None) -> bool:
+    return cache_problem(path) is None
 
 
 def default_chat_model(progress: bool = True, **overrides: Any) -> Path:
@@ -54,8 +76,11 @@ def default_chat_model(progress: bool = True, **overrides: Any) -> Path:
     from gsa_train.loop import TrainSettings, train
 
     final = chat_model_dir()
-    if is_cached(final):
+    problem = cache_problem(final)
+    if problem is None:
         return final
+    if final.exists():
+        print(f"the cached default model {final} is damaged ({problem}); training it again", file=sys.stderr)
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{CHAT_MODEL_NAME}.", dir=final.parent))
     try:
