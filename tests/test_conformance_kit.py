@@ -11,21 +11,32 @@ from gsa_core.masks import MaskSpec
 from gsa_core.protocols import Births
 from gsa_core.registry import get_registry
 from gsa_core.testing import (
+    check_absorb_readout,
     check_backend,
     check_birth_policy,
     check_causal,
     check_component,
     check_death_policy,
+    check_empty_sequences,
+    check_extend_splits,
     check_extreme_inputs,
     check_initializer,
     check_matches_reference,
+    check_non_finite_inputs,
     check_padding,
+    check_recurrent,
     check_scheduler,
+    check_state_batching,
 )
 from gsa_plugins.backends.dense import DenseBackend
 from gsa_plugins.birth import CloneBirth
 from gsa_plugins.death import LowMassDeath
 from gsa_plugins.initializers import RandomInit
+
+from _recurrent_backends import (  # isort: skip
+    AbsorbIgnoresPadding, CrashesOnEmpty, ForgetsStateInPieces, NaiveRecurrent, PassesNaN, StacksInReverse,
+    WritesIntoItsInput,
+)
 
 
 @pytest.mark.parametrize("kind", ["initializer", "birth", "death", "scheduler"])
@@ -85,6 +96,36 @@ class NaiveBackend(DenseBackend):
 def test_backend_checks_catch_defects(backend, check, message):
     with pytest.raises(AssertionError, match=message):
         check(backend, max_examples=30)
+
+
+def test_a_third_party_recurrent_backend_passes_the_kit():
+    """The naive recurrent backend shares no code with kernel or sparse: the kit holds it to the contract."""
+    check_backend(NaiveRecurrent(), max_examples=6)
+
+
+@pytest.mark.parametrize(
+    ("backend", "check", "message"),
+    [
+        (ForgetsStateInPieces(), check_extend_splits, "extend over pieces"),
+        (AbsorbIgnoresPadding(), check_absorb_readout, "absorb \\+ readout differs"),
+        (StacksInReverse(), check_state_batching, r"split\(stack\(states\)\)"),
+        (WritesIntoItsInput(), check_state_batching, "extend modified the state it was given"),
+        (PassesNaN(), check_non_finite_inputs, "did not raise NonFiniteInputError"),
+    ],
+)
+def test_recurrent_checks_catch_defects(backend, check, message):
+    with pytest.raises(AssertionError, match=message):
+        check(backend, max_examples=15)
+
+
+def test_check_recurrent_runs_every_recurrent_check():
+    with pytest.raises(AssertionError, match="extend over pieces"):
+        check_recurrent(ForgetsStateInPieces(), max_examples=10)
+
+
+def test_empty_sequence_check_catches_a_crash():
+    with pytest.raises(RuntimeError, match="0 elements"):
+        check_empty_sequences(CrashesOnEmpty())
 
 
 class WritesDeadSlots(RandomInit):

@@ -200,3 +200,126 @@ def test_errors_are_clear():
         cache.update(torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8), 0)
     with pytest.raises(ValueError, match="valid kinds: state, window, hybrid, full"):
         DecodePlan("sliding")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- any recurrent backend decodes
+def _recompute_greedy(model, ids, mask, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens and last-position logits by one full forward per new token (no cache, EOS suppressed)."""
+    seq, m, all_logits = ids, mask, []
+    with torch.no_grad():
+        for _ in range(steps):
+            step = model(input_ids=seq, attention_mask=m, position_ids=positions(m), use_cache=False).logits[:, -1]
+            step[:, model.config.eos_token_id] = float("-inf")
+            all_logits.append(step)
+            seq = torch.cat([seq, step.argmax(-1, keepdim=True)], dim=1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+    return seq, all_logits
+
+
+def _generate_equals_recomputation(model, kind: str) -> None:
+    ids, mask = batch(n=9, left_pad=3)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    assert isinstance(out.cache, GSARecurrentCache) and out.cache.plans[0].kind == kind
+    seq, ref_logits = _recompute_greedy(model, ids, mask, 8)
+    assert torch.equal(out.sequences, seq)
+    for got, want in zip(out.logits, ref_logits, strict=True):
+        real = torch.isfinite(want)
+        # the same fp32 arithmetic in another order (chunked prefill, one-token steps) on logits below 1, whose
+        # ulp is 6e-8: a few ulp apart (1.3e-7 seen); TOL (2e-5, ~300 ulp) is the prefill tests' bound above
+        assert (got[real] - want[real]).abs().max().item() < TOL
+
+
+def test_generate_with_an_inexact_sparse_backend_decodes_with_its_own_state():
+    """sparse with top_k < alive slots changes the attention; decoding from its own state equals its forward."""
+    model = tiny_gpt_neo()
+    cfg = gsa_config("gpt-neo", global_layers="gsa", local_layers="exact")
+    cfg["backend"] = {"name": "sparse", "params": {"top_k": 3}}  # 8 splats per head
+    convert(model, cfg)
+    _generate_equals_recomputation(model, "state")
+
+
+def test_generate_with_a_third_party_recurrent_backend(gsa_registry):
+    """A backend registered by a test, sharing no code with kernel or sparse, decodes through the same path."""
+    from _recurrent_backends import NaiveRecurrent
+
+    from gsa_core.registry import NoParams
+
+    gsa_registry.register("backend", "naive-recurrent", NaiveRecurrent, NoParams)
+    model = tiny_gpt_neo()
+    convert(model, gsa_config("gpt-neo", backend="naive-recurrent", global_layers="gsa", local_layers="hybrid",
+                              hybrid_window=3))
+    assert [p.kind for p in recurrent_cache(model).plans] == ["state", "hybrid"]
+    _generate_equals_recomputation(model, "state")
+
+
+def test_a_non_recurrent_backend_keeps_every_key(gsa_registry):
+    """A registered backend without the recurrent operations decodes over every kept key (kind full)."""
+    from gsa_core.registry import NoParams
+    from gsa_plugins.backends.dense import DenseBackend
+
+    class Plain(DenseBackend):
+        def __init__(self, params: NoParams) -> None:
+            super().__init__()
+
+    gsa_registry.register("backend", "plain", Plain, NoParams)
+    model = tiny_gpt_neo()
+    convert(model, gsa_config("gpt-neo", backend="plain", global_layers="gsa", local_layers="exact"))
+    assert [p.kind for p in recurrent_cache(model).plans] == ["full", "window"]
+    _generate_equals_recomputation(model, "full")
+
+
+# ----------------------------------------------------------------------------- the path of one decode step
+LEVELS = (("gsa_generate", 0), ("gsa_plugins.adapters", 1), ("gsa_plugins.backends", 2), ("gsa_core.bank", 3))
+
+
+def _level(module: str) -> int | None:
+    """cache (store) 0 -> layer 1 -> backend 2 -> bank 3; helpers (numerics, masks, transformers) have none."""
+    for prefix, level in LEVELS:
+        if module == prefix or module.startswith(prefix + "."):
+            return level
+    return None
+
+
+def _trace_levels(fn) -> tuple[list[str], set[tuple[int, ...]]]:
+    """Run ``fn`` under a profiler: the calls that climb back up, and every chain of levels seen."""
+    import sys
+
+    stack: list[int | None] = []
+    climbs: list[str] = []
+    chains: set[tuple[int, ...]] = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            level = _level(frame.f_globals.get("__name__", ""))
+            above = [x for x in stack if x is not None]
+            if level is not None and above:
+                # the store may be *read and written* by a layer (a leaf accessor), nothing else goes back up
+                reading_store = level == 0 and max(above) == 1
+                inside_store_from_below = level != 0 and 0 in above and above.index(0) > 0
+                if (level < max(above) and not reading_store) or inside_store_from_below:
+                    climbs.append(f"{frame.f_code.co_qualname} (level {level}) called under levels {above}")
+            stack.append(level)
+            chain = tuple(x for x in stack if x is not None)
+            chains.add(tuple(x for i, x in enumerate(chain) if i == 0 or x != chain[i - 1]))
+        elif event == "return" and stack:
+            stack.pop()
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return climbs, chains
+
+
+@pytest.mark.parametrize("name", ["gsa-kernel/exact", "hybrid/hybrid"])
+def test_a_decode_step_descends_cache_layer_backend_bank(name):
+    model = converted(name)
+    ids, _ = batch(n=9, left_pad=0)
+    cache = recurrent_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        climbs, chains = _trace_levels(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True))
+    assert not climbs, climbs[:5]
+    assert (1, 2, 3) in chains  # layer -> backend -> bank was taken (the state's extend, the layer's own backend)

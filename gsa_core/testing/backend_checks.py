@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -120,9 +120,15 @@ def cases(draw: st.DrawFn, recipes: list[str], max_len: int = 40, **bank_kw: Any
     )
 
 
+def _settings(max_examples: int) -> settings:
+    """Reproducible runs; no shrinking: the failing case is reported as drawn (shrinking a slow backend's
+    failure can take longer than the whole check)."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+                    phases=(Phase.explicit, Phase.reuse, Phase.generate))
+
+
 def _run_property(test: Callable[[Case], None], strategy: st.SearchStrategy[Case], max_examples: int) -> None:
-    settings(max_examples=max_examples, deadline=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(given(strategy)(test))()
+    _settings(max_examples)(given(strategy)(test))()
 
 
 def _forward_and_grads(backend: AttentionBackend, case: Case, bank: SplatBank, dtype=torch.float32):
@@ -289,8 +295,7 @@ def check_extreme_inputs(backend: AttentionBackend, *, max_examples: int = 15) -
         st.sampled_from((math.log(1e-4), 0.0, math.log(1e4))),
         st.booleans(),
     )
-    settings(max_examples=max_examples, deadline=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(given(strategy)(lambda args: test(*args)))()
+    _settings(max_examples)(given(strategy)(lambda args: test(*args)))()
 
 
 def check_gradcheck(backend: AttentionBackend, *, max_examples: int = 4) -> None:
@@ -356,8 +361,7 @@ def check_non_finite_inputs(backend: AttentionBackend, *, max_examples: int = 10
 
     strategy = st.tuples(cases(recipes, max_len=12), st.integers(0, 2),
                          st.sampled_from((float("nan"), float("inf"), float("-inf"))))
-    settings(max_examples=max_examples, deadline=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(given(strategy)(lambda args: test(*args)))()
+    _settings(max_examples)(given(strategy)(lambda args: test(*args)))()
 
 
 def check_empty_sequences(backend: AttentionBackend) -> None:
@@ -446,8 +450,7 @@ def check_extend_splits(backend: RecurrentBackend, *, max_examples: int = 15, to
 
     strategy = st.tuples(cases(["causal"], max_len=30), st.lists(st.integers(0, 30), max_size=4),
                          st.sampled_from(("left", "right")))
-    settings(max_examples=max_examples, deadline=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(given(strategy)(lambda args: test(*args)))()
+    _settings(max_examples)(given(strategy)(lambda args: test(*args)))()
 
 
 def check_absorb_readout(backend: RecurrentBackend, *, max_examples: int = 15, tol: float = REL_RMSE_TOL) -> None:
@@ -534,8 +537,7 @@ def check_state_batching(backend: RecurrentBackend, *, max_examples: int = 10, t
     strategy = st.integers(1, 3).flatmap(lambda b: st.tuples(
         cases(["causal"], max_len=4), st.lists(st.integers(0, 25), min_size=b, max_size=b),
         st.lists(st.integers(0, 4), min_size=b, max_size=b).filter(lambda t: max(t) > 0)))
-    settings(max_examples=max_examples, deadline=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(given(strategy)(lambda args: test(*args)))()
+    _settings(max_examples)(given(strategy)(lambda args: test(*args)))()
 
 
 def check_recurrent(backend: RecurrentBackend, *, max_examples: int = 15) -> None:
