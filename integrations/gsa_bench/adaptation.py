@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gsa_bench.scaffold import Benchmark, Run, log
+from gsa_bench.scaffold import Benchmark, Run, log, pyplot, quick_defaults
 
 SCHEMA = "gsa-bench-adaptation/2"  # 2: the scaffold's run metadata (started, finished, loadavg_1m)
 
@@ -378,12 +378,8 @@ def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any]) -> Any:
+    plt = pyplot()
     settings = report["settings"]
     shift = settings["shift_at"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -409,10 +405,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("alive splats (all heads)")
     axes[1].set_title("alive splats")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def summary_text(report: dict[str, Any]) -> str:
@@ -474,16 +467,8 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 def _apply_defaults(args: argparse.Namespace) -> None:
     q = args.quick
-    if args.seeds is None:
-        args.seeds = [0] if q else [0, 1, 2]
-    if args.variants is None:
-        args.variants = "off,interval+coverage" if q else DEFAULT_VARIANTS
-    if args.steps is None:
-        args.steps = 160 if q else 900
-    if args.shift_at is None:
-        args.shift_at = 80 if q else 300
-    if args.overhead_repeats is None:
-        args.overhead_repeats = 3 if q else 30
+    quick_defaults(args, {"seeds": ([0], [0, 1, 2]), "variants": ("off,interval+coverage", DEFAULT_VARIANTS),
+                          "steps": (160, 900), "shift_at": (80, 300), "overhead_repeats": (3, 30)})
     if q:
         args.after_window = min(args.after_window, 40)
         args.overhead_length = min(args.overhead_length, 256)

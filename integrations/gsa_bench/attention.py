@@ -35,7 +35,7 @@ from gsa_bench.args import parse_sizes
 from gsa_bench.attention_cases import CASE_TARGET, SDPA, run_case
 from gsa_bench.attention_flops import FLOP_FORMULAS, add_flops, sdpa_flops
 from gsa_bench.attention_report import fmt_bytes, markdown_table, plot, summarise
-from gsa_bench.scaffold import Benchmark, Run, log
+from gsa_bench.scaffold import Benchmark, Run, log, quick_defaults
 
 SCHEMA = "gsa-bench-attention/2"  # 2: the scaffold's run metadata; GSA FLOP counts reported by the backends
 MODES = ("fwd", "fwd+bwd")
@@ -313,20 +313,11 @@ def _apply_defaults(args: argparse.Namespace) -> None:
     quick = args.quick
     if args.isolate is None:
         args.isolate = not quick
-    if args.sizes is None:
-        args.sizes = QUICK_SIZES if quick else DEFAULT_SIZES
-    if args.decode_contexts is None:
-        args.decode_contexts = QUICK_CONTEXTS if quick else DEFAULT_CONTEXTS
-    if args.decode_steps is None:
-        args.decode_steps = 50 if quick else 300
-    if args.repeats is None:
-        args.repeats = 3 if quick else 5
-    if args.max_case_seconds is None:
-        args.max_case_seconds = 5.0 if quick else 60.0
+    quick_defaults(args, {"sizes": (QUICK_SIZES, DEFAULT_SIZES), "decode_contexts": (QUICK_CONTEXTS, DEFAULT_CONTEXTS),
+                          "decode_steps": (50, 300), "repeats": (3, 5), "max_case_seconds": (5.0, 60.0),
+                          "profile_sizes": ([], [2048, 16384])})
     if args.sparse is None:
         args.sparse = parse_sparse(DEFAULT_SPARSE)
-    if args.profile_sizes is None:
-        args.profile_sizes = [] if quick else [2048, 16384]
     if args.memory_limit is None:
         total = timing.mem_total_bytes()
         args.memory_limit = round(total / 2 / 2**30, 1) if total else 8.0

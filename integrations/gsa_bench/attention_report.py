@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from gsa_bench.attention_cases import SDPA
 from gsa_bench.attention_flops import add_rates
+from gsa_bench.scaffold import pyplot
 
 
 def fmt_bytes(b: float | None) -> str:
@@ -166,13 +166,9 @@ def _fmt_measured(t: dict[str, Any]) -> str:
     return str(m)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any]) -> Any:
     """Log-log time vs n for forward and forward+backward, and decode ms/token vs context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     st = report["settings"]
     modes = st["modes"]
     panels = [*modes, "decode"] if report.get("decode") else list(modes)
@@ -222,7 +218,5 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"GSA vs SDPA — H={st['heads']} d={st['head_dim']} K={st['splats']} fp32, "
                  f"{env.get('cpu_model')} × {st['threads']} threads, torch {env.get('torch')} "
                  f"(x: one call over the limit, stopped)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 

@@ -24,14 +24,13 @@ import contextlib
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import gsa_common
 
 from gsa_bench import timing
 from gsa_bench.args import parse_sizes
-from gsa_bench.scaffold import Benchmark, Run, log
+from gsa_bench.scaffold import Benchmark, Run, log, pyplot
 
 SCHEMA = "gsa-bench-decode/1"
 CASE_TARGET = "gsa_bench.decode:run_case"
@@ -253,12 +252,8 @@ def _case_line(c: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
-def plot(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any]) -> Any:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in MODELS:
         cs = sorted((c for c in report["cases"] if c["model"] == kind and c.get("status") == "ok"),
@@ -278,10 +273,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     axes[1].set_yscale("log")
     axes[1].set_ylabel("cache size (MiB)")
     axes[1].set_title("cache memory")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def summary_text(report: dict[str, Any]) -> str:

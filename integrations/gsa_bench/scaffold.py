@@ -6,8 +6,9 @@ table, a plot and a printed summary) as ``BENCHMARK`` and registers it with ``cl
 "module:BENCHMARK", help=...)``; ``gsa bench NAME`` and ``python -m module`` then behave the same:
 
 - options every benchmark has: ``--out DIR`` (default ``benchmarks/results``), ``--threads N``, ``--quiet``,
-  ``--markdown`` (print the markdown table only), ``--from-json PATH`` (re-render tables and plots from an
-  earlier run without measuring) and, when the benchmark has a smoke mode, ``--quick``;
+  ``--markdown`` (print the markdown table only), ``--from-json PATH`` (print the tables of an earlier run
+  without measuring; with ``--out``, also write its table and plot there, and a copy of the JSON when
+  ``--out`` is another folder) and, when the benchmark has a smoke mode, ``--quick``;
 - before measuring: torch's thread count is set (and recorded), and ``HF_HUB_OFFLINE=1`` unless set
   (benchmarks never download);
 - the report gets ``command``, ``started``, ``finished``, ``loadavg_1m {start, end}`` (other work on the
@@ -71,7 +72,7 @@ class Benchmark:
     options: Callable[[argparse.ArgumentParser], None]  #: the benchmark's own options
     measure: Callable[[argparse.Namespace, Run], Report]  #: the report (the scaffold adds the run metadata)
     markdown: Callable[[Report], str] | None = None  #: the README table: NAME.md and what ``--markdown`` prints
-    plot: Callable[[Report, Path], Any] | None = None  #: draws NAME.png (matplotlib, imported inside)
+    plot: Callable[[Report], Any] | None = None  #: the figure saved as NAME.png (drawn with :func:`pyplot`)
     summary: Callable[[Report], str] | None = None  #: printed after a run (default: the markdown table)
     prepare: Callable[[argparse.Namespace], None] | None = None  #: fill in defaults, validate (before measuring)
     threads: int | None = None  #: default ``--threads`` (None: torch's default)
@@ -85,13 +86,15 @@ class Benchmark:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         if self.quick_help is not None:
             parser.add_argument("--quick", action="store_true", help=self.quick_help)
-        parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                            help=f"output folder for {self.name}.json and the rest (default {DEFAULT_OUT}/)")
+        parser.add_argument("--out", type=Path, default=None,
+                            help=f"output folder for {self.name}.json and the rest (default {DEFAULT_OUT}/; with "
+                            "--from-json: write nothing unless given)")
         default = "torch's default" if self.threads is None else str(self.threads)
         parser.add_argument("--threads", type=int, default=self.threads,
                             help=f"torch threads (default {default}; 0: torch's default)")
         parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                            help=f"do not measure: re-render the tables and plot from an existing {self.name}.json")
+                            help=f"do not measure: print the tables of an existing {self.name}.json (and with --out, "
+                            "write its table and plot there)")
         parser.add_argument("--markdown", action="store_true", help="print only the markdown table")
         parser.add_argument("--quiet", action="store_true", help="no progress lines")
         self.options(parser)
@@ -112,11 +115,15 @@ class Benchmark:
             self.prepare(args)
         if args.from_json is not None:
             report = json.loads(args.from_json.read_text())
-            if args.out.resolve() == args.from_json.parent.resolve():
+            if args.out is None:
+                pass  # print only: a re-render never writes over measured results unasked
+            elif args.out.resolve() == args.from_json.parent.resolve():
                 self.write_rendered(report, args.out)  # leave the measured JSON as it is
             else:
                 self.write(report, args.out)
         else:
+            if args.out is None:
+                args.out = DEFAULT_OUT
             set_threads(args)
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             run = Run(self, args)
@@ -147,9 +154,31 @@ class Benchmark:
             (out / f"{self.name}.md").write_text(self.markdown(report) + "\n")
         if self.plot is not None:
             try:
-                self.plot(report, out / f"{self.name}.png")
+                plt = pyplot()
             except ImportError:
                 print("matplotlib is not installed (pip install matplotlib): no plot written", file=sys.stderr)
+                return
+            fig = self.plot(report)
+            fig.tight_layout()
+            fig.savefig(out / f"{self.name}.png", dpi=120)
+            plt.close(fig)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (ImportError when matplotlib is not installed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def quick_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Each option left at None gets its ``(quick, full)`` default, by ``--quick``."""
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
 
 
 def set_threads(args: argparse.Namespace) -> None:
