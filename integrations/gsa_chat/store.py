@@ -136,7 +136,14 @@ class Store:
         with self._errors("open"):
             self.conn = self._connect_read_only() if read_only else self._connect_read_write()
             self.conn.row_factory = sqlite3.Row
-            self._check_schema()
+            version = self._check_schema()  # before anything is written: another program's file stays as it is
+            if not read_only:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA foreign_keys=ON")
+                self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    self.conn.executescript(f"BEGIN; {MIGRATIONS[target - 1]} PRAGMA user_version = {target}; "
+                                            "COMMIT;")
 
     def _connect_read_write(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,15 +153,7 @@ class Store:
             make_private(self.path.with_name(self.path.name + suffix))
         if not os.access(self.path, os.R_OK | os.W_OK):
             raise sqlite3.OperationalError("attempt to write a readonly database")
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
-        except sqlite3.Error:
-            conn.close()
-            raise
-        return conn
+        return sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         if not self.path.is_file():
@@ -170,7 +169,8 @@ class Store:
             return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
                                    check_same_thread=False)
 
-    def _check_schema(self) -> None:
+    def _check_schema(self) -> int:
+        """The file's schema version, after checking (reading only) that it is a gsa chat database."""
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, newer than this gsa understands "
@@ -180,16 +180,13 @@ class Store:
             raise StoreError(f"{self.path} is an SQLite database of another program (tables: "
                              f"{', '.join(sorted(tables))}), not a gsa chat database: move it away, or set GSA_HOME "
                              "to use another folder")
-        if version == 0 and self.read_only:
-            return  # an empty file: no sessions, and reading must not create the tables
         if version > 0:
             for table, needed in REQUIRED_COLUMNS.items():
                 have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
                 if not needed <= have:
                     raise StoreError(f"{self.path} is not a gsa chat database (table {table!r} lacks "
                                      f"{', '.join(sorted(needed - have))}): move it away and gsa starts a new one")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self.conn.executescript(f"BEGIN; {MIGRATIONS[target - 1]} PRAGMA user_version = {target}; COMMIT;")
+        return version
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:

@@ -15,9 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsa_data.files import check_destination
     from gsa_demo.run import run_demo
 
-    if args.steps < 1:
-        raise SystemExit("gsa demo: --steps must be at least 1")
+    from gsa_core.config import MAX_SEED, MAX_STEPS
+    from gsa_core.errors import ConfigError
+
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ConfigError(f"--steps must be between 1 and {MAX_STEPS:,}, got {args.steps}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    check_destination(args.out, force=True, flag="--out")  # demo.json is replaced; a file or read-only: refused
     run_demo(steps=args.steps, seed=args.seed, config_path=args.config, out_dir=args.out)
     return 0

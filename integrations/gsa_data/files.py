@@ -199,7 +199,11 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike[str]) ->
 
     target = Path(path)
     private_dir(target.parent)
-    return atomic_write(target, lambda f: torch.save(dict(payload), f), private=True)
+    atomic_write(target, lambda f: torch.save(dict(payload), f), private=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while writing
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return target
 
 
 _GLOBAL = re.compile(r"unsupported GLOBAL (\S+)")

@@ -161,7 +161,9 @@ def run_demo(*, steps: int = 300, seed: int = 0, length: int = 128, batch: int =
                   f"{'matches' if same else 'DIFFERS from'} full re-computation token for token")
     console.print("  sample: " + repr(result["sample"]))
     if out_dir is not None:
+        from gsa_data.files import atomic_write_text
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out_dir / "demo.json", json.dumps(result, indent=2) + "\n")
         console.print(f"  wrote {out_dir / 'demo.json'}")
     return result

@@ -64,19 +64,26 @@ def save(folder: Path, payload: dict[str, Any]) -> Path:
     return save_checkpoint(payload, folder / FILE)
 
 
-def load(folder: Path) -> dict[str, Any] | None:
-    """The last checkpoint in ``folder`` (RNG states restored), or None when there is none."""
+def load(folder: Path, *, restore_rng: bool = True) -> dict[str, Any] | None:
+    """The last checkpoint in ``folder`` (RNG states restored unless ``restore_rng=False``: then call
+    :func:`restore_rng` when the run reaches that point), or None when there is none."""
     path = folder / FILE
     if not path.exists():
         return None
     payload = load_checkpoint(path, required=KEYS, what="distillation checkpoint", fix=FIX)
+    if restore_rng:
+        restore_rng_state(payload, path)
+    return payload
+
+
+def restore_rng_state(payload: dict[str, Any], path: Path | str = "checkpoint") -> None:
+    """Put the global torch and Python generators back where the checkpoint left them."""
     try:
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_python_state(rng["python"]))
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise CheckpointError(f"distillation checkpoint {path} holds a damaged random-number state; {FIX}") from None
-    return payload
 
 
 def _python_state(state: Any) -> tuple:
@@ -85,4 +92,4 @@ def _python_state(state: Any) -> tuple:
     return version, tuple(internal), gauss
 
 
-__all__ = ["load", "load_trainable_state", "save", "trainable_state"]
+__all__ = ["load", "load_trainable_state", "restore_rng_state", "save", "trainable_state"]

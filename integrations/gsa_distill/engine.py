@@ -208,6 +208,8 @@ class Distiller:
         self.s = settings
         self.dp = DataParallel.from_env()
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.ckpt_dir = None if settings.output is None else Path(settings.output) / "checkpoints"
+        self._resume = self._load_resume()  # a damaged or mismatched checkpoint fails before the slow model load
         if model is None:
             model, tokenizer = load_source(settings.source)
         if tokenizer is None:
@@ -219,8 +221,6 @@ class Distiller:
         self.model, self.tokenizer = model, tokenizer
         self.report: dict[str, Any] = {"schema": SCHEMA, "settings": settings.model_dump(mode="json")}
         self.timings: dict[str, float] = {}
-        out = settings.output
-        self.ckpt_dir = None if out is None else Path(out) / "checkpoints"
         progress = settings.progress
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dp.is_main
 
@@ -537,17 +537,24 @@ class Distiller:
         started = time.perf_counter()
         torch.manual_seed(self.s.seed)
         random.seed(self.s.seed)
-        resume = None
-        if self.s.resume and self.ckpt_dir is not None:
-            resume = checkpoint.load(self.ckpt_dir)
-            if resume is None:
-                raise ConfigError(f"cannot resume: no checkpoint at {self.ckpt_dir / checkpoint.FILE} (a run writes "
-                                  "one every checkpoint_every steps and on Ctrl+C)")
-            self._check_resume(resume)
+        resume = self._resume
+        if resume is not None:
+            checkpoint.restore_rng_state(resume, self.ckpt_dir / checkpoint.FILE)
         from gsa_train.interrupt import StopRequest
 
         with StopRequest("distillation") as self._stop:
             return self._run(resume, started)
+
+    def _load_resume(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (checked against these settings), or None for a fresh run."""
+        if not self.s.resume or self.ckpt_dir is None:
+            return None
+        resume = checkpoint.load(self.ckpt_dir, restore_rng=False)
+        if resume is None:
+            raise ConfigError(f"cannot resume: no checkpoint at {self.ckpt_dir / checkpoint.FILE} (a run writes "
+                              "one every checkpoint_every steps and on Ctrl+C)")
+        self._check_resume(resume)
+        return resume
 
     def _check_resume(self, resume: dict[str, Any]) -> None:
         from gsa_distill.settings import RESUME_KEYS

@@ -1,0 +1,142 @@
+"""Loading never runs code: checkpoints load with ``weights_only=True``, model folders without ``auto_map``,
+and the chat on a GSA checkpoint never prompts (docs/safety.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _safety import gsa_checkpoint, run_cli, run_subprocess, tiny_bert, tiny_neo
+from _train_corpus import write_corpus
+
+TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
+         "--eval-blocks", "8", "--no-progress"]
+DISTILL = ["--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--splats", "4", "--no-progress"]
+
+
+class Planted:
+    """Unpickling this calls ``os.system`` (what a crafted checkpoint does); it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("models")
+    neo = tiny_neo(base / "neo")
+    corpus = write_corpus(base / "corpus")
+    return {"neo": neo, "gsa": gsa_checkpoint(neo, base / "gsa"), "bert": tiny_bert(base / "bert"), "corpus": corpus}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GSA_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_train_resume_refuses_a_planted_pickle(models, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    (out / "checkpoint").mkdir(parents=True)
+    torch.save({"step": 1, "settings": Planted(marker)}, out / "checkpoint" / "state.pt")
+    result = run_cli(capsys, "train", "--out", out, "--corpus", models["corpus"], "--steps", "4", "--resume", *TRAIN)
+    assert result.one_clear_line, result
+    assert "refused to load" in result.err and "system" in result.err and "state.pt" in result.err
+    assert not marker.exists()
+
+
+def test_distill_resume_refuses_a_planted_pickle(models, tmp_path, capsys):
+    dst, marker = tmp_path / "out", tmp_path / "PWNED"
+    (dst / "checkpoints").mkdir(parents=True)
+    torch.save({"stage": 1, "model": Planted(marker)}, dst / "checkpoints" / "last.pt")
+    result = run_cli(capsys, "distill", models["bert"], dst, "--corpus", models["corpus"], "--stage1-steps", "2",
+                     "--resume", *DISTILL)
+    assert result.one_clear_line, result
+    assert "refused to load" in result.err and "last.pt" in result.err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "foreign"])
+def test_distill_resume_with_a_damaged_checkpoint_is_one_message(models, tmp_path, capsys, damage):
+    dst = tmp_path / "out"
+    common = ["--corpus", models["corpus"], *DISTILL]
+    assert run_cli(capsys, "distill", models["bert"], dst, "--stage1-steps", "2", "--checkpoint-every", "1",
+                   *common).code == 0
+    last = dst / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes({"truncated": data[: len(data) // 2], "random": os.urandom(4096), "empty": b"",
+                      "foreign": b""}[damage])
+    if damage == "foreign":
+        torch.save({"weights": torch.ones(3)}, last)  # a valid file of another program
+    result = run_cli(capsys, "distill", models["bert"], dst, "--stage1-steps", "4", "--resume", *common)
+    assert result.one_clear_line, result
+    assert "last.pt" in result.err and "without --resume" in result.err
+
+
+def test_distill_resume_with_other_splats_names_the_difference(models, tmp_path, capsys):
+    dst = tmp_path / "out"
+    common = ["--corpus", models["corpus"], "--max-length", "32", "--batch-size", "4", "--calib-tokens", "200",
+              "--no-progress"]
+    assert run_cli(capsys, "distill", models["bert"], dst, "--stage1-steps", "2", "--splats", "4", *common).code == 0
+    result = run_cli(capsys, "distill", models["bert"], dst, "--stage1-steps", "4", "--splats", "8", "--resume",
+                     *common)
+    assert result.one_clear_line, result
+    assert "settings differ" in result.err and "n_splats" in result.err
+
+
+def test_saved_checkpoints_carry_no_code_and_no_auto_map(models):
+    config = json.loads((models["gsa"] / "config.json").read_text())
+    assert "auto_map" not in config and not (models["gsa"] / "gsa_checkpoint.py").exists()
+
+
+def _old_style_checkpoint(models, tmp_path: Path) -> tuple[Path, Path]:
+    """A GSA checkpoint as older versions wrote it: ``auto_map`` to a ``gsa_checkpoint.py`` stub (here one that
+    leaves a marker when run)."""
+    folder, marker = tmp_path / "old", tmp_path / "STUB_RAN"
+    shutil.copytree(models["gsa"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "gsa_checkpoint.GSAGPTNeoConfig",
+                          "AutoModelForCausalLM": "gsa_checkpoint.GSAGPTNeoForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "gsa_checkpoint.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return folder, marker
+
+
+def test_piped_chat_on_a_gsa_checkpoint_stores_both_turns_and_never_prompts(models, tmp_path, home):
+    folder, marker = _old_style_checkpoint(models, tmp_path)
+    proc = run_subprocess("chat", folder, "--set", "max_new_tokens=3", stdin=b"Return a new list\n/exit\n",
+                          env={"GSA_HOME": str(home)})
+    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    assert proc.returncode == 0, text[-2000:]
+    assert "custom code" not in text and "[y/N]" not in text and not marker.exists()
+    from gsa_chat.store import Store
+
+    with Store(home / "data" / "chat.sqlite3") as store:
+        (session,) = store.sessions()
+        messages = store.messages(session.id)
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[0].content == "Return a new list"
+
+
+def test_convert_with_a_gsa_checkpoint_as_source_is_one_message(models, tmp_path, capsys):
+    folder, marker = _old_style_checkpoint(models, tmp_path)
+    result = run_cli(capsys, "convert", folder, tmp_path / "dst")
+    assert result.one_clear_line and "already a GSA checkpoint" in result.err, result
+    assert not marker.exists() and not (tmp_path / "dst").exists()
+
+
+def test_distill_goes_on_fitting_a_gsa_checkpoint_without_running_its_code(models, tmp_path, capsys):
+    from gsa_plugins.adapters import load_converted
+
+    folder, marker = _old_style_checkpoint(models, tmp_path)
+    result = run_cli(capsys, "distill", folder, tmp_path / "dst", "--corpus", models["corpus"], "--stage1-steps", "1",
+                     "--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--no-progress")
+    assert result.code == 0, result.err[-2000:]
+    assert not marker.exists()
+    assert type(load_converted(tmp_path / "dst" / "model")).__name__ == "GSAGPTNeoForCausalLM"
