@@ -35,6 +35,17 @@ def safe_logsumexp(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
     return out if keepdim else out.squeeze(dim)
 
 
+def safe_lse_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(safe_logsumexp, safe_softmax)`` over the last dim with one exponential (a state's readout needs both)."""
+    m = finite_max(logits, -1)
+    e = torch.exp(logits - m)
+    s = e.sum(-1, keepdim=True)
+    pos = s > 0
+    s_safe = torch.where(pos, s, torch.ones_like(s))
+    lse = torch.where(pos, torch.log(s_safe) + m, NEG_INF).squeeze(-1)
+    return lse, e / s_safe
+
+
 def safe_softmax(logits: Tensor, dim: int) -> Tensor:
     """Softmax whose all ``-inf`` slices are zeros (not NaN), with finite gradients."""
     p = torch.exp(logits - finite_max(logits, dim))
@@ -56,14 +67,14 @@ def check_finite(**tensors: Tensor | None) -> None:
     present = [(name, t) for name, t in tensors.items() if t is not None and t.numel()]
     if not present:
         return
-    if sum(t.numel() for _, t in present) <= _SMALL_CHECK:
-        ok = bool(torch.isfinite(torch.cat([t.detach().reshape(-1) for _, t in present])).all())
+    if len(present) > 1 and sum(t.numel() for _, t in present) <= _SMALL_CHECK:
+        ok = bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in present])).all())
     else:
-        ok = all(bool(torch.isfinite(t.detach()).all()) for _, t in present)
+        ok = all(bool(torch.isfinite(t).all()) for _, t in present)
     if ok:
         return
     for name, t in present:
-        bad = ~torch.isfinite(t.detach())
+        bad = ~torch.isfinite(t)
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
             raise NonFiniteInputError(name, float(t.detach()[index]), index)

@@ -150,6 +150,13 @@ def hybrid_attention(
         raise ValueError("bidirectional hybrid attention needs self-attention (as many queries as keys); "
                          f"got {q.shape[-2]} queries and {k.shape[-2]} keys")
     check_finite(q=q, k=k, v=v)
+    return _hybrid(q, k, v, bank, mask, scaling=scaling, window=window, block_elements=block_elements,
+                   summary=summary)
+
+
+def _hybrid(q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, mask: MaskSpec, *, scaling: float, window: int,
+            block_elements: int = 1 << 24, summary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`hybrid_attention` of checked inputs (decoding checks each token once, when it arrives)."""
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[-2]
     device = q.device
@@ -215,6 +222,7 @@ class GSALayer(GSAAttention):
         self.k_in = nn.Identity()
         self.masks = MaskCache()
         self.teacher: TeacherTap | None = None
+        self._recurrent: tuple[object, bool] | None = None  # (backend, whether it is recurrent)
 
     def capturing(self) -> bool:
         return bool(self.q_in._forward_hooks or self.k_in._forward_hooks)
@@ -256,7 +264,10 @@ class GSALayer(GSAAttention):
     def recurrent_backend(self) -> RecurrentBackend | None:
         """The backend that continues this layer from a state: its own, when it is recurrent (any registered
         backend implementing :class:`~gsa_core.protocols.RecurrentBackend`, ``auto`` included)."""
-        return self.backend if isinstance(self.backend, RecurrentBackend) else None
+        known = getattr(self, "_recurrent", None)
+        if known is None or known[0] is not self.backend:  # a protocol isinstance costs more than a decode step's op
+            known = self._recurrent = (self.backend, isinstance(self.backend, RecurrentBackend))
+        return self.backend if known[1] else None
 
     def decode_plan(self) -> DecodePlan:
         """How this layer decodes (see :mod:`gsa_plugins.adapters.decoding` for the kinds)."""
@@ -312,12 +323,13 @@ class GSALayer(GSAAttention):
         state = past.state if past is not None else None
         if state is None:
             state = backend.init_state(self.bank, q.shape[0], v.shape[-1], q.device)
+        check_finite(q=q, k=k, v=v)  # the kept keys were checked when they came
 
         def attend(q: Tensor, keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> Tensor:
             summary = backend.readout(q * scale if scale != 1.0 else q, self.bank, state)
             padding = None if bool(kept_valid.all()) else kept_valid
-            return hybrid_attention(q, keys, values, self.bank, MaskSpec(causal=True, key_padding=padding),
-                                    scaling=self.scaling, window=self.hybrid_window, summary=summary)
+            return _hybrid(q, keys, values, self.bank, MaskSpec(causal=True, key_padding=padding),
+                           scaling=self.scaling, window=self.hybrid_window, summary=summary)
 
         def absorb(keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> object:
             padding = None if bool(kept_valid.all()) else kept_valid

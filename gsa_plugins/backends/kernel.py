@@ -38,7 +38,7 @@ from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.errors import MaskNotSupportedError
 from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
-from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_softmax
+from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_lse_softmax, safe_softmax
 from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
 from gsa_core.registry import StrategyParams
 
@@ -457,9 +457,9 @@ class KernelBackend(RecurrentOps):
         step = self._block_tokens(q.shape[0], q.shape[1])
         outs, lses = [], []
         for start in range(0, q.shape[-2], step):
-            logits = bank.log_features(q[..., start:start + step, :]) + z.unsqueeze(-2)
-            outs.append(safe_softmax(logits, dim=-1) @ M)
-            lses.append(safe_logsumexp(logits, dim=-1))
+            lse, p = safe_lse_softmax(bank.log_features(q[..., start:start + step, :]) + z.unsqueeze(-2))
+            outs.append(p @ M)
+            lses.append(lse)
         if not outs:
             return M.new_zeros(*q.shape[:-1], M.shape[-1]), z.new_zeros(q.shape[:-1])
         return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)

@@ -36,7 +36,7 @@ from gsa_core.bank import SplatBank
 from gsa_core.errors import MaskNotSupportedError
 from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
-from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_softmax
+from gsa_core.numerics import NEG_INF, check_finite, safe_lse_softmax, safe_softmax
 from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
 from gsa_core.registry import StrategyParams
 
@@ -106,17 +106,6 @@ def _merge(z1: Tensor, u1: Tensor, z2: Tensor, u2: Tensor) -> tuple[Tensor, Tens
     return z, w1.unsqueeze(-1) * u1 + w2.unsqueeze(-1) * u2
 
 
-def _masked_lse_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """``(safe logsumexp, safe softmax)`` over the last dim with one exponential."""
-    m = finite_max(logits, -1)
-    e = torch.exp(logits - m)
-    s = e.sum(-1, keepdim=True)
-    pos = s > 0
-    s_safe = torch.where(pos, s, torch.ones_like(s))
-    lse = torch.where(pos, torch.log(s_safe) + m, NEG_INF).squeeze(-1)
-    return lse, e / s_safe
-
-
 def segmented_prefix(seg: Tensor, logit: Tensor, val: Tensor, block: int = 16) -> tuple[Tensor, Tensor]:
     """Inclusive segmented prefix in log space over a stream sorted by segment.
 
@@ -136,7 +125,7 @@ def segmented_prefix(seg: Tensor, logit: Tensor, val: Tensor, block: int = 16) -
     tril = torch.ones(block, block, dtype=torch.bool, device=seg.device).tril()
     same = (segb.unsqueeze(-1) == segb.unsqueeze(-2)) & tril
     logits = lb.unsqueeze(-2).masked_fill(~same, NEG_INF)
-    z, p = _masked_lse_softmax(logits)
+    z, p = safe_lse_softmax(logits)
     u = p @ vb
     if nb > 1:
         tail_seg = segb[:, -1]
@@ -375,6 +364,5 @@ class SparseBackend(RecurrentOps):
         z, m = state.log_norm.to(lq.dtype), state.memory.to(lq.dtype)
         zq = z.gather(-1, iq.flatten(2)).view_as(iq)  # [B, H, n, k]
         uq = m.gather(-2, iq.flatten(2).unsqueeze(-1).expand(-1, -1, -1, m.shape[-1])).view(*iq.shape, m.shape[-1])
-        logits = lq + zq
-        lse = safe_logsumexp(logits, dim=-1)
-        return self._readout(lq, zq, uq), lse
+        lse, p = safe_lse_softmax(lq + zq)
+        return (p.unsqueeze(-1) * uq).sum(-2), lse
