@@ -252,7 +252,11 @@ class ModelAdapter(Protocol):
       hybrid mode, exact over ``window`` keys and GSA beyond; explicit per-layer choices in ``params`` win;
     - ``forward_inputs(model, batch)``: the forward keyword arguments for a batch of token ids
       (``input_ids``, ``attention_mask``): the batch itself for most families; an encoder-decoder also
-      feeds the tokens to its decoder.
+      feeds the tokens to its decoder;
+    - ``decode_plan(model)``: how each layer of a converted model decodes from a stored past, in layer
+      order (``gsa_plugins.adapters.decoding.DecodePlan``: state, window, hybrid or full); a family without
+      the recurrent generation cache raises ``UnsupportedModelError`` (a ``GSAError``), and ``generate()``
+      keeps transformers' cache.
 
     Invariants: every original weight is kept; with GSA switched off (passthrough) the converted
     model reproduces the original outputs exactly; the GSA config travels in the model's config so
@@ -279,6 +283,8 @@ class ModelAdapter(Protocol):
     def hybrid_params(self, model: Any, params: Mapping[str, Any], window: int) -> dict[str, Any]: ...
 
     def forward_inputs(self, model: Any, batch: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def decode_plan(self, model: Any) -> list[Any]: ...
 
 
 @runtime_checkable

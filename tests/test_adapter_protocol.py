@@ -12,6 +12,7 @@ import torch
 from _adapter_models import tiny_bert, tiny_bert_decoder, tiny_gpt_neo, tiny_llama
 from _distill_models import WORDS, texts
 from gsa_cli.main import main
+from gsa_generate.cache import decode_plans
 
 from gsa_core.protocols import ModelAdapter
 from gsa_core.registry import get_registry
@@ -24,10 +25,11 @@ from gsa_plugins.adapters import (
     load_converted,
     load_kwargs,
 )
+from gsa_plugins.adapters.base import UnsupportedModelError
 
 #: What integrations ask an adapter (gsa_core.protocols.ModelAdapter's docstring documents each).
 CONTRACT = {"name", "model_types", "matches", "convert", "apply", "attn_implementation", "sites", "attention_layers",
-            "lora_targets", "hybrid_params", "forward_inputs"}
+            "lora_targets", "hybrid_params", "forward_inputs", "decode_plan"}
 
 
 def bert2bert():
@@ -101,6 +103,10 @@ def test_encoder_decoder_sites_hybrid_params_and_inputs() -> None:
     assert inputs["decoder_attention_mask"] is batch["attention_mask"]
     with torch.no_grad():
         assert model(**inputs).logits.shape == (1, 3, 101)  # one forward runs every attention layer
+    convert(model, {"bank": {"n_splats": 4}})
+    assert decode_plans(model) is None  # generate() keeps transformers' encoder-decoder cache
+    with pytest.raises(UnsupportedModelError, match="generates with transformers' own cache"):
+        adapter_for(model).decode_plan(model)
 
 
 # ----------------------------------------------------------------------------- distillation on bert2bert

@@ -127,6 +127,13 @@ class EncoderDecoderAdapter:
             out[part] = adapter.hybrid_params(sub, out[part], window)
         return out
 
+    def decode_plan(self, model: nn.Module) -> list[Any]:
+        """None: a composite generates with transformers' encoder-decoder cache (self and cross keys)."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} has no decode plan for {describe_model(model)}: an encoder-decoder generates "
+            "with transformers' own cache"
+        )
+
     def forward_inputs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The tokens go to the encoder and, shifted by nothing, to the decoder as well: one forward then runs
         every attention layer (encoder self, decoder self and cross) on real text."""
