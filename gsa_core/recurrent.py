@@ -25,6 +25,7 @@ from torch import Tensor
 from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.errors import MaskNotSupportedError
 from gsa_core.masks import MaskSpec
+from gsa_core.numerics import check_finite
 
 S = TypeVar("S", bound="BatchState")
 #: The mask kinds the recurrent form serves: causal, with key and query padding.
@@ -105,11 +106,29 @@ def _pad_tokens(x: Tensor, length: int) -> Tensor:
     return x if extra <= 0 else F.pad(x, (0, 0, 0, extra))
 
 
-def aligned_mask(mask: MaskSpec | None, batch: int, n: int, who: str) -> tuple[Tensor | None, Tensor | None]:
-    """``(key_padding, query_padding)`` of the mask an ``extend`` call gets, after checking it fits.
+def check_state(state: Any, cls: type[BatchState], who: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise a clear error when ``state`` is not a ``cls`` whose tensors have ``shapes`` (by field name)."""
+    if not isinstance(state, cls):
+        raise TypeError(f"the {who} backend continues a {cls.__name__}, got {type(state).__name__}")
+    for name, want in shapes.items():
+        got = tuple(getattr(state, name).shape)
+        if got != want:
+            raise ValueError(f"state {name} {got} does not fit these inputs: expected {want} "
+                             "([batch, heads, splats(, value dim)])")
 
-    ``extend`` is causal over aligned tokens by definition: the mask may only carry padding.
+
+def extend_inputs(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None,
+                  who: str) -> tuple[Tensor | None, Tensor | None]:
+    """Check what an ``extend`` call gets and return its mask's ``(key_padding, query_padding)``.
+
+    ``extend`` is causal over aligned tokens by definition: ``q, k [B, H, n, d]``, ``v [B, H, n, d_v]``,
+    finite, and a mask that carries padding only.
     """
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{who}.extend takes aligned q, k [B, H, n, d] and v [B, H, n, d_v], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, n = q.shape[0], q.shape[-2]
+    check_finite(q=q, k=k, v=v)
     if mask is None:
         return None, None
     if mask.window is not None or mask.attend is not None:
@@ -121,6 +140,16 @@ def aligned_mask(mask: MaskSpec | None, batch: int, n: int, who: str) -> tuple[T
         raise ValueError(f"{who}.extend is causal: pass MaskSpec(causal=True, key_padding=...)")
     mask.check_shapes(batch, n, n)
     return mask.key_padding, mask.query_padding
+
+
+def absorb_inputs(k: Tensor, v: Tensor, key_padding: Tensor | None, who: str) -> None:
+    """Check what an ``absorb`` call gets: ``k [B, H, n, d]``, ``v [B, H, n, d_v]``, ``key_padding [B, n]``, finite."""
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{who}.absorb takes k [B, H, n, d] and v [B, H, n, d_v], got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[2]}], got {tuple(key_padding.shape)}")
+    check_finite(k=k, v=v)
 
 
 class RecurrentOps:
@@ -198,4 +227,7 @@ def state_dtype(bank: SplatBank) -> torch.dtype:
     return compute_dtype(bank.centers)
 
 
-__all__ = ["CAUSAL_KINDS", "BatchState", "RecurrentOps", "aligned_mask", "split_state", "stack_states", "state_dtype"]
+__all__ = [
+    "CAUSAL_KINDS", "BatchState", "RecurrentOps", "absorb_inputs", "check_state", "extend_inputs", "split_state",
+    "stack_states", "state_dtype",
+]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gsa_core.masks import MaskSpec
 from gsa_core.numerics import check_finite, safe_logsumexp, safe_softmax
-from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask
+from gsa_core.recurrent import BatchState, RecurrentOps, absorb_inputs, extend_inputs
 from gsa_core.reference import dense_attention
 from gsa_core.registry import NoParams
 
@@ -60,7 +60,7 @@ class NaiveRecurrent(RecurrentOps):
         return safe_softmax(logits, dim=-1) @ state.m, safe_logsumexp(logits, dim=-1)
 
     def absorb(self, k: Tensor, v: Tensor, bank: Any, state: NaiveState, key_padding: Tensor | None = None) -> Any:
-        check_finite(k=k, v=v)
+        absorb_inputs(k, v, key_padding, self.name)
         for t in range(k.shape[-2]):
             state = self._fold(bank, state, k[..., t:t + 1, :], v[..., t:t + 1, :],
                                None if key_padding is None else key_padding[:, t])
@@ -68,8 +68,7 @@ class NaiveRecurrent(RecurrentOps):
 
     def extend(self, q: Tensor, k: Tensor, v: Tensor, bank: Any, state: NaiveState,
                mask: MaskSpec | None = None) -> tuple[Tensor, Any]:
-        key_padding, query_padding = aligned_mask(mask, q.shape[0], q.shape[-2], self.name)
-        check_finite(q=q, k=k, v=v)
+        key_padding, query_padding = extend_inputs(q, k, v, mask, self.name)
         outs = []
         for t in range(q.shape[-2]):
             state = self._fold(bank, state, k[..., t:t + 1, :], v[..., t:t + 1, :],

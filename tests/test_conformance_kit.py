@@ -91,6 +91,12 @@ class NaiveBackend(DenseBackend):
         (ScaledBackend(), check_matches_reference, "differs from reference"),
         (PaddingBlindBackend(), check_padding, "padded keys/values changed the output"),
         (NaiveBackend(), check_extreme_inputs, "non-finite"),
+        # the recurrent contract (broken third-party backends, tests/_recurrent_backends.py)
+        (ForgetsStateInPieces(), check_extend_splits, "extend over pieces"),
+        (AbsorbIgnoresPadding(), check_absorb_readout, "absorb \\+ readout differs"),
+        (StacksInReverse(), check_state_batching, r"split\(stack\(states\)\)"),
+        (WritesIntoItsInput(), check_state_batching, "extend modified the state it was given"),
+        (PassesNaN(), check_non_finite_inputs, "did not raise NonFiniteInputError"),
     ],
 )
 def test_backend_checks_catch_defects(backend, check, message):
@@ -101,21 +107,6 @@ def test_backend_checks_catch_defects(backend, check, message):
 def test_a_third_party_recurrent_backend_passes_the_kit():
     """The naive recurrent backend shares no code with kernel or sparse: the kit holds it to the contract."""
     check_backend(NaiveRecurrent(), max_examples=6)
-
-
-@pytest.mark.parametrize(
-    ("backend", "check", "message"),
-    [
-        (ForgetsStateInPieces(), check_extend_splits, "extend over pieces"),
-        (AbsorbIgnoresPadding(), check_absorb_readout, "absorb \\+ readout differs"),
-        (StacksInReverse(), check_state_batching, r"split\(stack\(states\)\)"),
-        (WritesIntoItsInput(), check_state_batching, "extend modified the state it was given"),
-        (PassesNaN(), check_non_finite_inputs, "did not raise NonFiniteInputError"),
-    ],
-)
-def test_recurrent_checks_catch_defects(backend, check, message):
-    with pytest.raises(AssertionError, match=message):
-        check(backend, max_examples=15)
 
 
 def test_check_recurrent_runs_every_recurrent_check():

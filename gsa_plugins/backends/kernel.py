@@ -39,7 +39,7 @@ from gsa_core.errors import MaskNotSupportedError
 from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
 from gsa_core.numerics import NEG_INF, check_finite, finite_max, safe_logsumexp, safe_lse_softmax, safe_softmax
-from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
+from gsa_core.recurrent import BatchState, RecurrentOps, absorb_inputs, check_state, extend_inputs, state_dtype
 from gsa_core.registry import StrategyParams
 
 #: A visible row whose total, relative to its stabiliser, is below ``e^-INTRA_MARGIN`` is recomputed
@@ -335,13 +335,9 @@ class KernelBackend(RecurrentOps):
         mask.check_shapes(batch, n_q, n_k)
         check_finite(q=q, k=k, v=v)
 
-    @staticmethod
-    def _check_state(state: KernelState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
-        if not isinstance(state, KernelState):
-            raise TypeError(f"the kernel backend continues a KernelState, got {type(state).__name__}")
-        want = (batch, heads, bank.capacity, value_dim)
-        if tuple(state.M.shape) != want or tuple(state.z.shape) != want[:3]:
-            raise ValueError(f"state M {tuple(state.M.shape)} does not fit [batch, heads, splats, value dim] = {want}")
+    def _check_state(self, state: KernelState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
+        want = (batch, heads, bank.capacity)
+        check_state(state, KernelState, self.name, {"z": want, "M": (*want, value_dim)})
 
     def _block_tokens(self, batch: int, heads: int) -> int:
         """Tokens per block: ``block_rows`` over batch·heads, whole chunks, at most :data:`_MAX_BLOCK_CHUNKS`."""
@@ -412,13 +408,9 @@ class KernelBackend(RecurrentOps):
         One token: the state update and readout in a few ops (decoding). More: the chunked recurrence,
         in blocks of ``block_rows``, with the same arithmetic as a causal ``forward``.
         """
-        if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-            raise ValueError(f"extend takes aligned q, k [B, H, n, d] and v [B, H, n, d_v], got {tuple(q.shape)}, "
-                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        key_padding, query_padding = extend_inputs(q, k, v, mask, self.name)
         batch, heads, n, _ = q.shape
-        key_padding, query_padding = aligned_mask(mask, batch, n, self.name)
         self._check_state(state, bank, batch, heads, v.shape[-1])
-        check_finite(q=q, k=k, v=v)
         if n == 0:
             return v.new_zeros(batch, heads, 0, v.shape[-1]), state
         if n == 1:
@@ -432,13 +424,8 @@ class KernelBackend(RecurrentOps):
     def absorb(self, k: Tensor, v: Tensor, bank: SplatBank, state: KernelState,
                key_padding: Tensor | None = None) -> KernelState:
         """Fold keys ``k [B, H, n, d]`` with values ``v`` into ``state`` (order-free), in blocks."""
-        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
-            raise ValueError(f"absorb takes k [B, H, n, d] and v [B, H, n, d_v], got {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}")
-        if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[2]}], got {tuple(key_padding.shape)}")
+        absorb_inputs(k, v, key_padding, self.name)
         self._check_state(state, bank, k.shape[0], k.shape[1], v.shape[-1])
-        check_finite(k=k, v=v)
         z, M = state.z, state.M
         step = self._block_tokens(k.shape[0], k.shape[1])
         for start in range(0, k.shape[-2], step):

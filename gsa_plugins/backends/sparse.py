@@ -37,7 +37,7 @@ from gsa_core.errors import MaskNotSupportedError
 from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
 from gsa_core.numerics import NEG_INF, check_finite, safe_lse_softmax, safe_softmax
-from gsa_core.recurrent import BatchState, RecurrentOps, aligned_mask, state_dtype
+from gsa_core.recurrent import BatchState, RecurrentOps, absorb_inputs, check_state, extend_inputs, state_dtype
 from gsa_core.registry import StrategyParams
 
 
@@ -182,14 +182,9 @@ class SparseBackend(RecurrentOps):
         mask.check_shapes(q.shape[0], q.shape[-2], k.shape[-2])
         check_finite(q=q, k=k, v=v)
 
-    @staticmethod
-    def _check_state(state: SparseState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
-        if not isinstance(state, SparseState):
-            raise TypeError(f"the sparse backend continues a SparseState, got {type(state).__name__}")
-        want = (batch, heads, bank.capacity, value_dim)
-        if tuple(state.memory.shape) != want or tuple(state.log_norm.shape) != want[:3]:
-            raise ValueError(f"state memory {tuple(state.memory.shape)} does not fit [batch, heads, splats, value dim] "
-                             f"= {want}")
+    def _check_state(self, state: SparseState, bank: SplatBank, batch: int, heads: int, value_dim: int) -> None:
+        want = (batch, heads, bank.capacity)
+        check_state(state, SparseState, self.name, {"log_norm": want, "memory": (*want, value_dim)})
 
     def _select_keys(self, k: Tensor, bank: SplatBank, key_padding: Tensor | None) -> tuple[Tensor, Tensor]:
         lk, ik = top_k_slots(bank.log_features(k), self.params.top_k)
@@ -307,14 +302,10 @@ class SparseBackend(RecurrentOps):
         Each query event reads its splat's state merged with the block's causal prefix (the segmented
         scan of ``forward``); the new state is the old one merged with the block's per-splat totals.
         """
-        if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-            raise ValueError(f"extend takes aligned q, k [B, H, n, d] and v [B, H, n, d_v], got {tuple(q.shape)}, "
-                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        key_padding, query_padding = extend_inputs(q, k, v, mask, self.name)
         batch, heads, n, _ = q.shape
         dv = v.shape[-1]
-        key_padding, query_padding = aligned_mask(mask, batch, n, self.name)
         self._check_state(state, bank, batch, heads, dv)
-        check_finite(q=q, k=k, v=v)
         if n == 0:
             return v.new_zeros(batch, heads, 0, dv), state
         sel = self._select(q, k, v, bank, key_padding)
@@ -341,14 +332,9 @@ class SparseBackend(RecurrentOps):
     def absorb(self, k: Tensor, v: Tensor, bank: SplatBank, state: SparseState,
                key_padding: Tensor | None = None) -> SparseState:
         """Fold keys into ``state`` through their top-k splats (order-free)."""
-        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
-            raise ValueError(f"absorb takes k [B, H, n, d] and v [B, H, n, d_v], got {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}")
-        if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding must be [{k.shape[0]}, {k.shape[2]}], got {tuple(key_padding.shape)}")
+        absorb_inputs(k, v, key_padding, self.name)
         batch, heads, n, _ = k.shape
         self._check_state(state, bank, batch, heads, v.shape[-1])
-        check_finite(k=k, v=v)
         if n == 0:
             return state
         lk, ik = self._select_keys(k, bank, key_padding)
