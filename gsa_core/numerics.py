@@ -121,4 +121,4 @@ def blocked_softmax_attention(
         s_out, s_lse = summary[0][..., rows, :], summary[1][..., rows]
         probs = safe_softmax(torch.cat((scores, s_lse.unsqueeze(-1).to(scores.dtype)), dim=-1), dim=-1)
         outs.append(probs[..., :n_k].to(v.dtype) @ v + probs[..., n_k:].to(s_out.dtype) * s_out)
-    return torch.cat(outs, dim=-2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

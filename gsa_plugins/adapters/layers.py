@@ -20,6 +20,7 @@ from gsa_core.attention import GSAAttention
 from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.calibration import gsa_input_scale
 from gsa_core.config import GSAConfig
+from gsa_core.errors import NonFiniteInputError
 from gsa_core.masks import MaskSpec
 from gsa_core.numerics import blocked_softmax_attention, check_finite, rows_per_block
 from gsa_core.protocols import RecurrentBackend, is_exact_for
@@ -290,8 +291,12 @@ class GSALayer(GSAAttention):
         """Attention of new tokens ``q, k, v [B, H, n, ·]`` (host space; ``valid [B, n]``: real tokens) over
         the stored ``past`` and themselves, as one causal forward over all of them would give. Returns the
         outputs ``[B, H, n, d_v]`` and the new past to store."""
-        with self.naming_errors():
+        try:  # not naming_errors(): a generator-based context manager costs a decode step's op
             return self._decode(plan, q, k, v, valid, past)
+        except NonFiniteInputError as exc:
+            if self.label is None:
+                raise
+            raise exc.at_layer(self.label) from None
 
     def _decode(self, plan: DecodePlan, q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
                 past: LayerPast | None) -> tuple[Tensor, LayerPast]:
