@@ -1,8 +1,9 @@
 """Faults: Ctrl+C during ``gsa train``/``gsa distill`` writes a checkpoint and exits 130 with how to resume;
 ``kill -9`` at a random point of a run or of the chat store loses nothing that was committed (docs/safety.md).
 
-The kill points are drawn from a seeded generator (the seed is in every assertion message) so a failure can be
-replayed; each run is a real ``gsa`` process on one thread.
+Ctrl+C is a real SIGINT sent to this process (in-process runs through ``gsa_cli.main.main``, fast); the kills
+are of real ``gsa`` processes on one thread, at moments drawn from a seeded generator (``GSA_FAULT_SEED``, in
+every assertion message) so a failure can be replayed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -69,47 +76,55 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- Ctrl+C
-def test_ctrl_c_during_training_writes_a_checkpoint_and_resume_finishes(inputs, tmp_path):
+def ctrl_c_after_the_first_checkpoint(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """Patch ``owner.name`` (the function that writes a checkpoint) to send this process a real SIGINT once,
+    right after the first checkpoint, as a Ctrl+C in the terminal would (the loop then checks it after the step)."""
+    save, pressed = getattr(owner, name), []
+
+    def save_then_ctrl_c(*a, **kw):
+        save(*a, **kw)
+        if not pressed:  # once: a second Ctrl+C means "quit now"
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(owner, name, save_then_ctrl_c)
+
+
+def interrupted_step(result) -> int:
+    assert result.code == 130 and "Traceback" not in result.err, result
+    found = re.search(r"interrupted at step (\d+) of 100000", result.err)
+    assert found and "--resume" in result.err, result
+    return int(found.group(1))
+
+
+def test_ctrl_c_during_training_writes_a_checkpoint_and_resume_finishes(inputs, tmp_path, capsys, monkeypatch):
+    import gsa_train.loop
+    from _safety import run_cli
+
     out = tmp_path / "run"
     args = ["train", "--out", out, "--corpus", inputs["corpus"], "--checkpoint-every", "2", *TRAIN]
-    proc = gsa(*args, "--steps", "100000", home=tmp_path)
-    wait_for(out / "checkpoint" / "state.pt", proc)  # in the loop
-    proc.send_signal(signal.SIGINT)
-    code, err = finish(proc)
-    assert code == 130 and "Traceback" not in err, err[-2000:]
-    step = int(re.search(r"interrupted at step (\d+) of 100000", err).group(1))
-    assert "--resume" in err and checkpoint_step(out / "checkpoint" / "state.pt") == step
-    code, err = finish(gsa(*args, "--steps", str(step + 2), "--resume", home=tmp_path))
-    assert code == 0, err[-2000:]
-    assert (out / "model.safetensors").is_file()
+    ctrl_c_after_the_first_checkpoint(monkeypatch, gsa_train.loop, "_save_state")
+    step = interrupted_step(run_cli(capsys, *args, "--steps", "100000"))
+    assert checkpoint_step(out / "checkpoint" / "state.pt") == step
+    monkeypatch.undo()
+    result = run_cli(capsys, *args, "--steps", str(step + 2), "--resume")
+    assert result.code == 0, result.err[-2000:]
+    assert json_of(out / "train.json")["resumed_from"] == step
 
 
 def test_ctrl_c_during_distillation_writes_a_checkpoint_and_resume_finishes(inputs, tmp_path, capsys, monkeypatch):
-    """In-process (``gsa_cli.main.main``): the Ctrl+C arrives as a real SIGINT right after the first checkpoint."""
     from _safety import run_cli
     from gsa_distill.engine import Distiller
 
     dst = tmp_path / "out"
     args = ["distill", inputs["bert"], dst, "--corpus", inputs["corpus"], "--checkpoint-every", "1", *DISTILL]
-    save, pressed = Distiller._save_ckpt, []
-
-    def save_then_ctrl_c(self, *a, **kw):
-        save(self, *a, **kw)
-        if not pressed:  # once: a second Ctrl+C means "quit now"
-            pressed.append(True)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Distiller, "_save_ckpt", save_then_ctrl_c)
-    result = run_cli(capsys, *args, "--stage1-steps", "100000")
-    assert result.code == 130 and "Traceback" not in result.err, result
-    found = re.search(r"interrupted at step (\d+) of 100000", result.err)
-    assert found, result
-    step = int(found.group(1))
-    assert "--resume" in result.err and checkpoint_step(dst / "checkpoints" / "last.pt") == step
-    monkeypatch.setattr(Distiller, "_save_ckpt", save)
+    ctrl_c_after_the_first_checkpoint(monkeypatch, Distiller, "_save_ckpt")
+    step = interrupted_step(run_cli(capsys, *args, "--stage1-steps", "100000"))
+    assert checkpoint_step(dst / "checkpoints" / "last.pt") == step
+    monkeypatch.undo()
     result = run_cli(capsys, *args, "--stage1-steps", str(step + 1), "--resume")
     assert result.code == 0, result.err[-2000:]
-    assert (dst / "model" / "model.safetensors").is_file() and (dst / "distill.json").is_file()
+    assert json_of(dst / "distill.json")["finished"] is True and (dst / "model" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- kill -9

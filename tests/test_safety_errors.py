@@ -380,3 +380,14 @@ def test_undecodable_bytes_typed_into_the_chat_are_kept_as_replacement_character
     with Store(_db(home)) as store:
         (message, reply) = store.latest_session().messages
     assert message.content == "caf\ufffd \ufffd\ufffd au lait" and reply.role == "assistant"
+
+
+def test_a_bad_setting_in_the_chat_is_a_message_and_the_chat_goes_on(models, home, tmp_path, capsys):
+    script = tmp_path / "s.txt"
+    script.write_text("/set stop \\x\nhello\n")
+    result = run_cli(capsys, "chat", models["neo"], "--script", script, "--set", "max_new_tokens=2")
+    assert result.code == 0 and "bad escape in the stop string" in result.out, result
+    from gsa_chat.store import Store
+
+    with Store(_db(home)) as store:
+        assert [m.role for m in store.latest_session().messages] == ["user", "assistant"]

@@ -107,7 +107,11 @@ def _parse(name: str, text: str) -> Any:
             except json.JSONDecodeError:
                 return text
         if "\\" in text:  # lets "\n" mean a newline; non-ASCII survives through backslashreplace
-            text = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            try:
+                text = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            except UnicodeDecodeError as exc:
+                raise SettingsError(f"bad escape in the stop string {text!r} ({exc.reason}); write \\\\ for a "
+                                    "backslash") from None
         return [text]
     if name == "seed" and text.lower() in ("none", "random", ""):
         return None
