@@ -103,8 +103,31 @@ class AdapterSpec(StrategySpec):
     kind: ClassVar[str] = "adapter"
 
 
+class PositionsSpec(StrategySpec):
+    kind: ClassVar[str] = "positions"
+
+
+class RecallSpec(StrategySpec):
+    """The recall cache (docs/recall-and-evals.md): a policy by name, its params (``budget``, ``block``, ...) and
+    the layers that keep one (None: every causal GSA or hybrid layer without a sliding window of its own)."""
+
+    kind: ClassVar[str] = "recall"
+    layers: list[int] | None = Field(None, description="layer indices with a recall cache (None: every one that "
+                                     "can take it)")
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is None:
+            return None
+        if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"recall layers must be distinct layer indices >= 0 (or omitted for all), got {layers}")
+        return sorted(layers)
+
+
 SPEC_TYPES: dict[str, type[StrategySpec]] = {
-    s.kind: s for s in (InitializerSpec, BackendSpec, BirthSpec, DeathSpec, SchedulerSpec, AdapterSpec)
+    s.kind: s for s in (InitializerSpec, BackendSpec, BirthSpec, DeathSpec, SchedulerSpec, AdapterSpec,
+                        PositionsSpec, RecallSpec)
 }
 
 
@@ -135,6 +158,27 @@ class AdaptationConfig(_Strict):
     birth: BirthSpec = Field("clone", validate_default=True)  # type: ignore[assignment]
 
 
+class LongContextConfig(_Strict):
+    """Inputs longer than the model was trained on (docs/long-context.md): linear-memory prefill, positions."""
+
+    #: Default tokens per prefill piece: a piece's scores and masks are ``chunk x (window + chunk)``.
+    DEFAULT_CHUNK: ClassVar[int] = 1024
+
+    prefill_chunk: int = Field(
+        DEFAULT_CHUNK, ge=0, le=MAX_STEPS,
+        description="inputs longer than this take the linear-memory path: prefilled through the recurrent cache in "
+                    "pieces of this many tokens (a training forward: causal masks built per layer, windows blocked); "
+                    "0: never",
+    )
+    positions: PositionsSpec = Field(  # type: ignore[assignment]
+        "none", validate_default=True,
+        description="the strategy that extended the learned position table (none: the table as trained)",
+    )
+    trained_positions: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="rows of the position table before it was extended (None: not extended)",
+    )
+
+
 class GSAConfig(_Strict):
     """Everything that defines a GSA model beyond the host model's own weights."""
 
@@ -145,6 +189,8 @@ class GSAConfig(_Strict):
     backend: BackendSpec = Field("auto", validate_default=True)  # type: ignore[assignment]
     adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
     adapter: AdapterSpec | None = Field(None, description="model adapter; None detects it from the model")
+    long_context: LongContextConfig = Field(default_factory=LongContextConfig)
+    recall: RecallSpec | None = Field(None, description="recall cache of exact keys beside the state; None: off")
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -271,13 +317,15 @@ def config_json_schema(registry: Registry | None = None) -> dict[str, Any]:
         if title not in defs:
             continue
         choices = []
+        # fields a spec type has beside name and params (recall: layers), as its own schema gives them
+        extra = {k: v for k, v in defs[title].get("properties", {}).items() if k not in ("name", "params")}
         for comp in registry.components(kind):
             params_schema = comp.params_model.model_json_schema(ref_template="#/$defs/{model}")
             defs.update(params_schema.pop("$defs", {}))
             choices.append({
                 "type": "object",
                 "description": comp.description,
-                "properties": {"name": {"const": comp.name}, "params": params_schema},
+                "properties": {"name": {"const": comp.name}, "params": params_schema, **extra},
                 "required": ["name"],
                 "additionalProperties": False,
             })

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from gsa_core.bank import SplatBank
 from gsa_core.masks import MaskSpec
+
+if TYPE_CHECKING:
+    from gsa_core.recall import RecallCandidates
 
 
 @dataclass
@@ -302,6 +305,46 @@ class GenerationCache(Protocol):
     def create(self, model: Any) -> Any: ...
 
 
+@runtime_checkable
+class RecallPolicy(Protocol):
+    """Chooses which keys a layer's recall cache keeps exact beside its state (``gsa_core.recall``).
+
+    ``budget``: exact keys kept per head; ``block``: tokens between two selections; ``uses_readout``:
+    whether :meth:`score` reads ``candidates.readout`` (the state's readout of each candidate key, which
+    the layer computes only when asked). ``score(candidates) -> [B, H, m]``: higher stays exact; the layer
+    keeps the ``budget`` best valid candidates of each head and absorbs the rest into the state.
+
+    Invariants (``gsa_core.testing.check_recall_policy``): finite scores for valid candidates; a pure
+    function of its inputs (same inputs, same scores; nothing modified); a candidate's score depends on
+    that candidate and the state only, so permuting candidates permutes the scores, padding changes no
+    other score and batch rows are independent.
+    """
+
+    budget: int
+    block: int
+    uses_readout: bool
+
+    def score(self, candidates: RecallCandidates) -> Tensor: ...
+
+
+@runtime_checkable
+class PositionExtension(Protocol):
+    """Extends a learned absolute position table past the length it was trained on.
+
+    ``extend(table, n_positions)``: ``table [P, d]`` (row ``i`` embeds position ``i``) -> a new
+    ``[n_positions, d]`` tensor for ``n_positions >= P`` (``gsa_core.positions.check_table`` validates
+    the arguments), in the table's dtype and on its device. Knows no model family: the model's adapter
+    says where the table is (``HFAdapter.position_table``) and swaps the extended one in.
+
+    Invariants (``gsa_core.testing.check_position_extension``): ``n_positions == P`` returns the table's
+    values; finite rows for a finite table; the given table is never modified; deterministic (the same
+    table and length give the same rows). A strategy that cannot extend raises
+    ``gsa_core.positions.PositionLimitError`` naming the limit (the built-in ``none``).
+    """
+
+    def extend(self, table: Tensor, n_positions: int) -> Tensor: ...
+
+
 PROTOCOLS: Mapping[str, type] = {
     "initializer": Initializer,
     "birth": BirthPolicy,
@@ -310,5 +353,7 @@ PROTOCOLS: Mapping[str, type] = {
     "backend": AttentionBackend,
     "adapter": ModelAdapter,
     "cache": GenerationCache,
+    "positions": PositionExtension,
+    "recall": RecallPolicy,
 }
 KINDS: tuple[str, ...] = tuple(PROTOCOLS)

@@ -36,3 +36,12 @@ def gsa_register(registry: Registry) -> None:
     registry.register("adapter", "llama", llama.LlamaAdapter, llama.LlamaAdapter.params_model)
     registry.register("adapter", "encoder-decoder", encoder_decoder.EncoderDecoderAdapter,
                       encoder_decoder.EncoderDecoderParams)
+    from gsa_plugins import positions
+
+    registry.register("positions", "interpolate", positions.Interpolate)
+    registry.register("positions", "tile", positions.Tile)
+    registry.register("positions", "none", positions.NoExtension)
+    from gsa_plugins import recall
+
+    registry.register("recall", "self-recall", recall.SelfRecall)
+    registry.register("recall", "recent", recall.Recent)

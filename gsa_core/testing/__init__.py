@@ -33,6 +33,8 @@ from gsa_core.testing.policy_checks import (
     check_initializer,
     check_scheduler,
 )
+from gsa_core.testing.position_checks import check_position_extension, position_tables
+from gsa_core.testing.recall_checks import check_recall_policy, recall_candidates, reference_recall_attention
 from gsa_core.testing.strategies import BankSpec, bank_specs, padding_mask, random_qkv, random_stats
 
 CHECKS = {
@@ -41,6 +43,8 @@ CHECKS = {
     "death": check_death_policy,
     "scheduler": check_scheduler,
     "backend": check_backend,
+    "positions": check_position_extension,
+    "recall": check_recall_policy,
 }
 
 
@@ -57,6 +61,7 @@ __all__ = [
     "check_backend", "check_birth_policy", "check_causal", "check_component", "check_controller",
     "check_death_policy", "check_empty_sequences", "check_extend_splits", "check_extreme_inputs", "check_gradcheck",
     "check_initializer", "check_matches_reference", "check_non_finite_inputs", "check_padding",
-    "check_permutation_equivariance", "check_prefill_then_step", "check_recurrent", "check_scheduler",
-    "check_state_batching", "padding_mask", "random_qkv", "random_stats", "reference_backend", "relative_rmse"
+    "check_permutation_equivariance", "check_position_extension", "check_prefill_then_step", "check_recall_policy", "check_recurrent",
+    "check_scheduler", "check_state_batching", "padding_mask", "position_tables", "random_qkv", "random_stats", "recall_candidates",
+    "reference_backend", "reference_recall_attention", "relative_rmse"
 ]

@@ -26,6 +26,7 @@ from gsa_core.config import AdapterSpec, GSAConfig
 from gsa_core.errors import ConfigError, GSAError
 from gsa_core.registry import StrategyParams, get_registry
 from gsa_plugins.adapters.layers import GSALayer, Mode
+from gsa_plugins.adapters.recall_cache import recall_layer_problem
 
 if TYPE_CHECKING:
     from gsa_core.bank import SplatBank
@@ -84,6 +85,19 @@ class Site:
     scaling: float  # the host's logit factor: q·k * scaling
     causal: bool
     window: int | None = None  # the host's own sliding window (GPT-Neo local layers)
+
+
+@dataclass
+class PositionTable:
+    """Where a model keeps its learned absolute position embeddings (``HFAdapter.position_table``)."""
+
+    name: str  # module path, e.g. "transformer.wpe"
+    module: nn.Embedding
+    config_field: str = "max_position_embeddings"  # the model config's count of positions
+
+    @property
+    def rows(self) -> int:
+        return int(self.module.num_embeddings)
 
 
 def describe_model(model: Any) -> str:
@@ -230,6 +244,16 @@ class HFAdapter:
         """A token batch is the forward's keyword arguments as it is."""
         return dict(batch)
 
+    # ------------------------------------------------------------ positions (gsa_plugins.adapters.positions)
+    def position_table(self, model: nn.Module) -> PositionTable | None:
+        """The model's learned absolute position table (what a ``positions`` strategy extends), or None when
+        it has none (rotary or relative positions: nothing to extend, no limit to check). Family hook."""
+        return None
+
+    def positions_resized(self, model: nn.Module, n_positions: int) -> None:
+        """Called after the position table was replaced by one of ``n_positions`` rows: resize whatever else
+        the family sizes by positions (family hook; the config field is already updated)."""
+
     # ------------------------------------------------------------ decoding (gsa_plugins.adapters.decoding)
     def decode_plan(self, model: nn.Module) -> list[DecodePlan]:
         """How each attention layer of a converted ``model`` decodes from a stored past, in layer order (what
@@ -290,6 +314,10 @@ class HFAdapter:
                 )
         if len(shapes) > 1:
             raise ModelMismatchError(f"{what} mixes attention shapes {sorted(shapes)}; one GSA config cannot fit")
+        recall = recall_layer_problem(config, [(s.layer, self.mode(s, params), s.causal and s.kind != "cross",
+                                                s.window) for s in sites])
+        if recall is not None:
+            raise ModelMismatchError(f"{what}: {recall}")
         for site in sites:
             mode = self.mode(site, params)
             if mode == "hybrid" and site.kind == "cross":
@@ -370,6 +398,7 @@ class HFAdapter:
                 layer = GSALayer(
                     site.n_heads, site.head_dim, cfg, mode=mode, scaling=site.scaling, causal=site.causal,
                     window=site.window, hybrid_window=params.hybrid_window, passthrough=params.passthrough,
+                    layer=site.layer,
                 )
                 if initialize:
                     layer.initialize(generator=torch.Generator().manual_seed(layer_seed(cfg.seed, site.name)))

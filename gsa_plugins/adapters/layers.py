@@ -25,6 +25,7 @@ from gsa_core.masks import MaskSpec
 from gsa_core.numerics import blocked_softmax_attention, check_finite, rows_per_block
 from gsa_core.protocols import RecurrentBackend, is_exact_for
 from gsa_plugins.adapters.past import DecodePlan, LayerPast, attend_kept, layer_signature
+from gsa_plugins.adapters.recall_cache import recall_extend, recall_forward, recall_policy
 
 Mode = Literal["gsa", "exact", "hybrid"]
 #: ``teacher(q, k, v, mask, out)``: called in passthrough with the host's inputs and its exact output.
@@ -202,11 +203,15 @@ class GSALayer(GSAAttention):
     ``hybrid_window`` keys; bidirectional ones: every key within ``hybrid_window`` positions, both sides).
     ``q_in``/``k_in`` are identity modules called with the ``[B, T, H*d]`` queries/keys the layer sees
     whenever a hook is registered on them (calibration of families whose projections are not those).
+    ``layer``: the layer's index in its model; ``config.recall`` gives it a recall cache (``self.recall``, a
+    :class:`~gsa_core.protocols.RecallPolicy`) when it names this layer, or names none and the layer can
+    take one (:mod:`gsa_plugins.adapters.recall_cache`).
     """
 
     def __init__(
         self, n_heads: int, head_dim: int, config: GSAConfig, *, mode: Mode, scaling: float = 1.0,
         causal: bool = True, window: int | None = None, hybrid_window: int | None = None, passthrough: bool = False,
+        layer: int | None = None,
     ) -> None:
         super().__init__(n_heads, head_dim, config)
         if mode not in ("gsa", "hybrid"):
@@ -224,6 +229,9 @@ class GSALayer(GSAAttention):
         self.masks = MaskCache()
         self.teacher: TeacherTap | None = None
         self._recurrent: tuple[object, bool] | None = None  # (backend, whether it is recurrent)
+        self.layer = layer
+        self.recall = recall_policy(config, layer, causal=causal, mode=mode, window=window, backend=self.backend,
+                                    bank=self.bank)
 
     def capturing(self) -> bool:
         return bool(self.q_in._forward_hooks or self.k_in._forward_hooks)
@@ -252,7 +260,13 @@ class GSALayer(GSAAttention):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec | None = None) -> Tensor:
         """GSA-space ``q, k`` (their plain dot product is the host's logit). Hybrid mode runs here too, so
-        forward hooks (the adaptation controller's statistics) see hybrid layers like the others."""
+        forward hooks (the adaptation controller's statistics) see hybrid layers like the others; so does a
+        layer with a recall cache (:func:`~gsa_plugins.adapters.recall_cache.recall_forward`)."""
+        if self.recall is not None:
+            self._check_inputs(q, k, v)
+            with self.naming_errors():
+                return recall_forward(self, q, k, v, mask if mask is not None else MaskSpec(causal=True),
+                                      window=self.recall_window())
         if self.mode != "hybrid":
             return super().forward(q, k, v, mask)
         assert self.hybrid_window is not None
@@ -260,6 +274,10 @@ class GSALayer(GSAAttention):
         with self.naming_errors():
             return hybrid_attention(q, k, v, self.bank, mask if mask is not None else MaskSpec(causal=self.causal),
                                     scaling=1.0, window=self.hybrid_window)
+
+    def recall_window(self) -> int:
+        """Exact keys per query beside a recall cache: the hybrid window, or none in ``gsa`` mode."""
+        return int(self.hybrid_window or 0) if self.mode == "hybrid" else 0
 
     # ------------------------------------------------------------------ decoding with a stored past
     def recurrent_backend(self) -> RecurrentBackend | None:
@@ -274,6 +292,9 @@ class GSALayer(GSAAttention):
         """How this layer decodes (see :mod:`gsa_plugins.adapters.decoding` for the kinds)."""
         signature = layer_signature(self)
         backend = self.recurrent_backend()
+        if self.recall is not None:  # its backend was checked when the policy was built
+            return DecodePlan("recall", self.hybrid_window if self.mode == "hybrid" else None, self, self.scaling,
+                              signature)
         if self.mode == "hybrid":
             assert self.hybrid_window is not None
             # the state stands for exact GSA over the keys that left the window: an inexact backend would
@@ -314,6 +335,8 @@ class GSALayer(GSAAttention):
             return out.to(v.dtype), LayerPast(state=state)
         if plan.kind == "hybrid":
             return self._decode_hybrid(plan, q, k, v, valid, past, scale)
+        if plan.kind == "recall":
+            return recall_extend(self, q, k, v, valid, past, scaling=self.scaling, window=plan.window or 0)
 
         def attend(q: Tensor, keys: Tensor, values: Tensor, kept_valid: Tensor, state: object) -> Tensor:
             padding = None if bool(kept_valid.all()) else kept_valid
@@ -346,6 +369,8 @@ class GSALayer(GSAAttention):
         extra = f", window={self.window}" if self.window is not None else ""
         if self.mode == "hybrid":
             extra += f", hybrid_window={self.hybrid_window}"
+        if self.recall is not None:
+            extra += f", recall={type(self.recall).__name__}(budget={self.recall.budget}, block={self.recall.block})"
         return (f"{super().extra_repr()}, mode={self.mode!r}, scaling={self.scaling:.4g}{extra}, "
                 f"passthrough={self.passthrough}")
 

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gsa_core.recall import RecallSet
+
 if TYPE_CHECKING:
     from gsa_plugins.adapters.layers import GSALayer
 
-Kind = Literal["state", "window", "hybrid", "full"]
-KINDS: tuple[str, ...] = ("state", "window", "hybrid", "full")
+Kind = Literal["state", "window", "hybrid", "full", "recall"]
+KINDS: tuple[str, ...] = ("state", "window", "hybrid", "full", "recall")
 #: Tokens per piece when many new tokens (a prefill) go through a window, hybrid or full layer:
 #: bounds the score matrix to ``CHUNK x (kept + CHUNK)``.
 CHUNK = 256
@@ -36,6 +38,9 @@ def layer_signature(gsa: GSALayer | None) -> Signature:
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """How one attention layer decodes: its kind, window, GSA layer (None: exact softmax) and logit scale.
+
+    ``recall``: a GSA layer with a recall cache (``gsa_plugins.adapters.recall_cache``): a state, the exact
+    keys its policy keeps, and the keys not yet chosen; ``window`` is its exact window (hybrid) or None.
 
     ``signature`` is :func:`layer_signature` of the layer when the plan was made: a store built for a
     plan refuses a layer that changed since (GSA switched on or off, mode changed).
@@ -52,13 +57,14 @@ class DecodePlan:
             raise ValueError(f"unknown decode plan kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
         if self.kind in ("window", "hybrid") and (self.window is None or self.window < 1):
             raise ValueError(f"a {self.kind!r} layer needs a positive window, got {self.window!r}")
-        if self.kind in ("state", "hybrid") and self.gsa is None:
+        if self.kind in ("state", "hybrid", "recall") and self.gsa is None:
             raise ValueError(f"a {self.kind!r} layer needs the layer's GSA module")
 
     @property
     def keep(self) -> int | None:
-        """Past keys kept between calls (None: all of them)."""
-        if self.kind == "state":
+        """Past keys kept between calls for the window (None: all of them; a recall layer also keeps at most
+        its ``block`` keys awaiting a selection, and its fixed-size cache)."""
+        if self.kind == "state" or (self.kind == "recall" and self.window is None):
             return 0
         return None if self.kind == "full" else int(self.window) - 1  # type: ignore[arg-type]
 
@@ -72,7 +78,8 @@ def exact_plan(window: int | None, gsa: GSALayer | None = None, scaling: float =
 @dataclasses.dataclass
 class LayerPast:
     """One layer's stored past: a recurrent ``state`` and/or the kept ``keys``, ``values`` ``[B, H, m, ·]``
-    (host space) with ``valid [B, m]`` (True: a real token). Every tensor has the batch first, so pasts
+    (host space) with ``valid [B, m]`` (True: a real token), and a recall layer's exact cache ``recall``
+    (a :class:`gsa_core.recall.RecallSet`). Every tensor has the batch first, so pasts
     of several sequences stack (:meth:`stack`; kept windows of different lengths are left-padded with
     invalid keys, which windows and states ignore) and split again (:meth:`select`)."""
 
@@ -80,10 +87,13 @@ class LayerPast:
     keys: Tensor | None = None
     values: Tensor | None = None
     valid: Tensor | None = None
+    recall: RecallSet | None = None
 
     def tensors(self) -> list[Tensor]:
         kept = [t for t in (self.keys, self.values, self.valid) if t is not None]
-        return kept + ([] if self.state is None else list(self.state.tensors().values()))
+        for part in (self.state, self.recall):
+            kept += [] if part is None else list(part.tensors().values())
+        return kept
 
     def nbytes(self) -> int:
         """Bytes held (kept keys, values, padding flags and the state)."""
@@ -96,6 +106,7 @@ class LayerPast:
             keys=None if self.keys is None else fn(self.keys),
             values=None if self.values is None else fn(self.values),
             valid=None if self.valid is None else fn(self.valid),
+            recall=None if self.recall is None else self.recall.map(fn),
         )
 
     def select(self, index: int | slice | Tensor) -> LayerPast:
@@ -109,11 +120,13 @@ class LayerPast:
         """The pasts of several sequences as one batch (continuous batching of decode steps)."""
         if not pasts:
             raise ValueError("stack needs at least one past")
-        state = None
+        state = recall = None
         if pasts[0].state is not None:
             state = type(pasts[0].state).stack([p.state for p in pasts])
+        if pasts[0].recall is not None:
+            recall = RecallSet.stack([p.recall for p in pasts])  # type: ignore[misc]
         if pasts[0].keys is None:
-            return LayerPast(state=state)
+            return LayerPast(state=state, recall=recall)
         m = max(p.keys.shape[-2] for p in pasts)  # type: ignore[union-attr]
 
         def left_pad(t: Tensor, value: float | bool) -> Tensor:
@@ -127,6 +140,7 @@ class LayerPast:
             keys=torch.cat([left_pad(p.keys, 0.0) for p in pasts]),  # type: ignore[arg-type]
             values=torch.cat([left_pad(p.values, 0.0) for p in pasts]),  # type: ignore[arg-type]
             valid=torch.cat([left_pad(p.valid, False) for p in pasts]),  # type: ignore[arg-type]
+            recall=recall,
         )
 
 
