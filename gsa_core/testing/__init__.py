@@ -61,7 +61,7 @@ __all__ = [
     "check_backend", "check_birth_policy", "check_causal", "check_component", "check_controller",
     "check_death_policy", "check_empty_sequences", "check_extend_splits", "check_extreme_inputs", "check_gradcheck",
     "check_initializer", "check_matches_reference", "check_non_finite_inputs", "check_padding",
-    "check_permutation_equivariance", "check_position_extension", "check_prefill_then_step", "check_recall_policy", "check_recurrent",
-    "check_scheduler", "check_state_batching", "padding_mask", "position_tables", "random_qkv", "random_stats", "recall_candidates",
-    "reference_backend", "reference_recall_attention", "relative_rmse"
+    "check_permutation_equivariance", "check_position_extension", "check_prefill_then_step", "check_recall_policy",
+    "check_recurrent", "check_scheduler", "check_state_batching", "padding_mask", "position_tables", "random_qkv",
+    "random_stats", "recall_candidates", "reference_backend", "reference_recall_attention", "relative_rmse",
 ]

@@ -17,12 +17,15 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import Field
 from torch import nn
 
+from gsa_core.masks import MaskSpec
 from gsa_plugins.adapters.base import (
     AdapterParams,
     HFAdapter,
+    PositionTable,
     Site,
     UnsupportedModelError,
     describe_model,
@@ -153,6 +156,24 @@ class GPTNeoAdapter(HFAdapter):
                 local = module.attention_type == "local"
                 plans.append(exact_plan(int(module.config.window_size) if local else None, gsa))
         return plans
+
+    def position_table(self, model: nn.Module) -> PositionTable | None:
+        """GPT-Neo's learned absolute positions: ``wpe``, ``max_position_embeddings`` rows."""
+        base = getattr(model, "base_model", model)
+        wpe = getattr(base, "wpe", None)
+        if not isinstance(wpe, nn.Embedding):
+            return None
+        name = next(n for n, m in model.named_modules() if m is wpe)
+        return PositionTable(name=name, module=wpe)
+
+    def positions_resized(self, model: nn.Module, n_positions: int) -> None:
+        """An attention module that still holds GPT-Neo's ``P x P`` causal ``bias`` (an original, unconverted
+        model) gets it rebuilt at the new size: its ``_attn`` slices it (the original's quadratic design)."""
+        for site in self.sites(model):
+            bias = getattr(site.module, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.numel() > 0:
+                band = MaskSpec(causal=True, window=site.window)
+                site.module.bias = band.allowed(n_positions, n_positions, device=bias.device)
 
     def attention_layers(self, model: nn.Module) -> list[AttentionLayer]:
         """``q_proj``/``k_proj``/``v_proj`` of every layer (scaling 1); before conversion every layer, after

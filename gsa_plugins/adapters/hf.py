@@ -23,6 +23,7 @@ Loading errors (missing or truncated files, a corrupt ``config.json``, a wrong f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -40,6 +41,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from gsa_core.config import GSAConfig
 from gsa_core.errors import ConfigError, GSAError, ModelLoadError, bounded
 from gsa_core.registry import get_registry
+from gsa_plugins.adapters import long_inputs
 from gsa_plugins.adapters.base import MODEL_TYPE_PREFIX, UnsupportedModelError
 from gsa_plugins.adapters.interface import ensure_registered
 
@@ -118,6 +120,18 @@ def _gsa_prepare_cache_for_generation(self: PreTrainedModel, generation_config: 
                                                                    *args, **kwargs)
 
 
+def _gsa_forward(original: type) -> Any:
+    """The original class's ``forward`` behind :func:`gsa_plugins.adapters.long_inputs.forward` (positions
+    checked against the learned table), with the original's signature (``generate()`` reads it)."""
+    original_forward = original.forward
+
+    @functools.wraps(original_forward)
+    def forward(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        return long_inputs.forward(self, original_forward, args, kwargs)
+
+    return forward
+
+
 def gsa_model_class(original: type) -> type:
     """The GSA subclass of a Hugging Face model class, registered with every auto class mapping the original."""
     if getattr(original, "_gsa_original", None) is not None:
@@ -131,6 +145,7 @@ def gsa_model_class(original: type) -> type:
             "config_class": config_cls,
             "_gsa_original": original,
             "__init__": _gsa_init,
+            "forward": _gsa_forward(original),
             "save_pretrained": _gsa_save_pretrained,
             "__module__": __name__,
             "__doc__": f"{original.__name__} with Gaussian Splat Attention (see ``config.gsa``).",
