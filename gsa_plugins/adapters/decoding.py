@@ -14,6 +14,9 @@ which the model's adapter gives per layer (``HFAdapter.decode_plan``):
   joins the window's softmax under one normaliser;
 - ``full``: a global exact layer (passthrough included), or GSA through a non-recurrent backend (or
   a hybrid layer whose backend is not exact): every key (the only kind that grows).
+- ``recall``: a GSA or hybrid layer with a recall cache (``gsa_plugins.adapters.recall_cache``): a
+  state, a fixed budget of exact keys per head chosen by a policy, the keys awaiting the next selection
+  and (hybrid) the window.
 
 A host attention module handed a ``PastStore`` calls :func:`decode_with_store` with its new
 queries, keys and values; the call descends store (read) -> layer -> backend -> bank, then writes
