@@ -230,3 +230,7 @@ def generate_reply(model: Any, tokenizer: Any, prompt_ids: Sequence[int], settin
 
 
 __all__ = ["Reply", "SamplingSettings", "SettingsError", "fit_context", "generate_reply"]
+
+#: The stop-string filter as a public name: the server (``gsa_serve``) streams replies through it too.
+StopFilter = _StopFilter
+__all__ += ["StopFilter"]

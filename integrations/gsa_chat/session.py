@@ -15,7 +15,7 @@ from typing import Any
 from gsa_chat.models import ChatModel
 from gsa_chat.sampling import Reply, SamplingSettings, generate_reply
 from gsa_chat.store import Session, Store
-from gsa_chat.templates import Template, TemplateError, resolve_template
+from gsa_chat.templates import Template, TemplateError, encode_prompt, resolve_template
 from gsa_core.errors import GSAError
 
 #: How often a streaming reply's text is written to the database (seconds).
@@ -79,12 +79,7 @@ class ChatSession:
         return [(m.role, m.content) for m in self.store.messages(self.session.id) if m.role in ("user", "assistant")]
 
     def prompt_ids(self, turns: list[tuple[str, str]]) -> list[int]:
-        tok = self.chat_model.tokenizer
-        text = self.template.render(turns, self.session.system, tok)
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        if self.template.prepend_bos and tok.bos_token_id is not None:
-            ids = [tok.bos_token_id, *ids]
-        return ids
+        return encode_prompt(self.template, turns, self.session.system, self.chat_model.tokenizer)
 
     def send(self, text: str, *, on_text: Callable[[str], None] = lambda s: None,
              interrupt: threading.Event | None = None) -> Reply:

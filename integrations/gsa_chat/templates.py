@@ -138,5 +138,19 @@ def resolve_template(name: str, tokenizer: Any = None, model_name: str | Path = 
     return template
 
 
-__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "Template", "TemplateError", "get_template", "render_chat_template",
-           "render_plain", "render_tinystories_instruct", "resolve_template", "tinystories_fields"]
+def encode_prompt(template: Template, turns: Sequence[Turn], system: str, tokenizer: Any) -> list[int]:
+    """The token ids a model continues for ``turns``: the rendered text, after ``bos`` when the template asks.
+
+    One function for every caller (the chat session, the server), so a conversation always becomes the
+    same ids, and a server's cached state after a prefix matches the next turn's prompt.
+    """
+    text = template.render(turns, system, tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if template.prepend_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "Template", "TemplateError", "encode_prompt", "get_template",
+           "render_chat_template", "render_plain", "render_tinystories_instruct", "resolve_template",
+           "tinystories_fields"]

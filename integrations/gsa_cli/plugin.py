@@ -31,3 +31,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def gsa_register_commands(cli: CommandSet) -> None:
     for name, (module, help_text) in COMMANDS.items():
         cli.command(name, f"gsa_cli.{module}:add_arguments", help=help_text)
+    cli.command("serve", "gsa_serve.command:add_arguments",
+                help="serve a model over an OpenAI-compatible HTTP API (continuous batching, metrics)")
