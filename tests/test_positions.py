@@ -206,3 +206,56 @@ def test_model_and_generate_past_the_table_raise_one_message_not_an_index_error(
         assert torch.isfinite(model(too_long).logits).all()  # extended: fits
     with pytest.raises(PositionLimitError, match="already extended \\(interpolate from 64\\)"), torch.no_grad():
         model(torch.randint(3, 101, (1, 129)))
+
+
+# ----------------------------------------------------------------------------- gsa convert --max-positions
+def _cli(args, capsys):
+    from gsa_cli.main import main
+
+    status = main(args)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_gsa_convert_extends_positions_and_records_them(tmp_path, capsys):
+    src = tmp_path / "src"
+    tiny_gpt_neo().save_pretrained(src)
+    status, out, _ = _cli(["convert", str(src), str(tmp_path / "tile"), "--max-positions", "256", "--positions", "tile",
+                           "--passthrough", "--verify", "--json"], capsys)
+    assert status == 0
+    import json
+
+    summary = json.loads(out)
+    assert summary["positions"] == {"strategy": "tile", "params": {}, "from": 64, "to": 256}
+    assert summary["passthrough_max_abs_diff"] == 0.0 and summary["verified"]  # tile keeps the trained rows
+    saved = load_converted(tmp_path / "tile")
+    assert position_limit(saved) == 256 and saved.config.gsa["long_context"]["positions"]["name"] == "tile"
+    # interpolate moves trained positions: the original is no longer the passthrough reference, and says so
+    status, out, _ = _cli(["convert", str(src), str(tmp_path / "interp"), "--max-positions", "200", "--positions",
+                           "interpolate", "--passthrough", "--verify", "--json"], capsys)
+    summary = json.loads(out)
+    assert status == 0 and "passthrough_max_abs_diff" not in summary and "skipped" in summary["positions"][
+        "passthrough_check"]
+    # an already converted model only gets its positions extended; its GSA config stays
+    status, out, _ = _cli(["convert", str(tmp_path / "tile"), str(tmp_path / "more"), "--max-positions", "512",
+                           "--positions", "interpolate"], capsys)
+    assert status == 0 and out.startswith("extended positions 256 -> 512 (interpolate)")
+    more = load_converted(tmp_path / "more")
+    assert position_limit(more) == 512 and more.config.gsa["long_context"]["trained_positions"] == 64
+    assert more.config.gsa["adapter"] == saved.config.gsa["adapter"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-positions", "256"], "needs a strategy: --positions NAME"),
+    (["--positions", "tile"], "give --max-positions N too"),
+    (["--max-positions", "256", "--positions", "tilee"], "Did you mean 'tile'"),
+    (["--max-positions", "0", "--positions", "tile"], "positive number"),
+    (["--max-positions", "32", "--positions", "tile"], "at least the model's 64 positions"),
+    (["--max-positions", "100", "--positions", "none"], "64 learned positions"),
+])
+def test_gsa_convert_bad_position_requests_are_one_line_and_status_2(tmp_path, capsys, args, message):
+    src = tmp_path / "src"
+    tiny_gpt_neo().save_pretrained(src)
+    status, _, err = _cli(["convert", str(src), str(tmp_path / "dst"), *args], capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "dst").exists() or not any((tmp_path / "dst").iterdir())  # nothing written

@@ -167,6 +167,10 @@ class HFAdapter:
     load_attn_implementation: ClassVar[str | None] = None
     #: LoRA target modules (peft ``target_modules``); empty: the weight-bearing children of the sites' modules
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    #: Whether the converted attention modules take a ``[B, 1, 1, n]`` padding row as the mask of ``n``
+    #: queries and apply causality and windows themselves (the linear-memory forward of long inputs,
+    #: ``gsa_plugins.adapters.long_inputs``); otherwise long inputs get the model's own masks
+    padding_row_masks: ClassVar[bool] = False
 
     def __init__(self, params: AdapterParams | None = None) -> None:
         self.params = params if params is not None else self.params_model()
@@ -245,6 +249,11 @@ class HFAdapter:
         return dict(batch)
 
     # ------------------------------------------------------------ positions (gsa_plugins.adapters.positions)
+    def building(self, model_config: Any) -> contextlib.AbstractContextManager[None]:
+        """A context the GSA model class's ``__init__`` (``from_pretrained``) constructs the original model in:
+        a family whose modules would allocate what GSA does not need swaps them here (family hook)."""
+        return contextlib.nullcontext()
+
     def position_table(self, model: nn.Module) -> PositionTable | None:
         """The model's learned absolute position table (what a ``positions`` strategy extends), or None when
         it has none (rotary or relative positions: nothing to extend, no limit to check). Family hook."""

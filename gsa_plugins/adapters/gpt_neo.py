@@ -14,12 +14,16 @@ GPT-Neo has no ``1/sqrt(d)`` logit scale, and neither has GSA.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from gsa_core.masks import MaskSpec
 from gsa_plugins.adapters.base import (
@@ -33,6 +37,7 @@ from gsa_plugins.adapters.base import (
 )
 from gsa_plugins.adapters.decoding import decode_with_store
 from gsa_plugins.adapters.layers import Mode
+from gsa_plugins.adapters.long_inputs import banded_attention, is_padding_row, key_validity
 from gsa_plugins.adapters.past import DecodePlan, PastStore, exact_plan
 
 if TYPE_CHECKING:
@@ -44,18 +49,75 @@ class GPTNeoParams(AdapterParams):
     local_layers: Mode = Field("exact", description="mode of the local (sliding-window) layers")
 
 
+#: Held while a GSA model is built: the attention class GPT-Neo's blocks construct is swapped for ours meanwhile.
+_BUILDING = threading.RLock()
+
+
+def _one_position(config: Any) -> Any:
+    """A shallow copy of ``config`` with one position: what GPT-Neo's ``__init__`` sizes its ``bias`` by."""
+    small = copy.copy(config)
+    small.max_position_embeddings = 1
+    return small
+
+
 @functools.cache
 def gsa_self_attention_class() -> type:
-    """``GPTNeoSelfAttention`` with ``_attn`` routed through the attached ``gsa`` layer."""
+    """``GPTNeoSelfAttention`` with ``_attn`` routed through the attached ``gsa`` layer, and no ``n x n`` buffer."""
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
     class GSAGPTNeoSelfAttention(GPTNeoSelfAttention):
-        """GPT-Neo self-attention whose ``_attn`` is Gaussian Splat Attention unless switched off."""
+        """GPT-Neo self-attention whose ``_attn`` is Gaussian Splat Attention unless switched off.
+
+        Why no ``bias`` buffer: GPT-Neo keeps a bool ``max_positions x max_positions`` causal mask per layer
+        (4 GiB per layer at 64k positions) and rebuilds it in ``_init_weights``. This class is built with a
+        one-position config, holds an empty ``bias`` and computes each call's causal (local: windowed) mask
+        for the queries and keys it has, the same values GPT-Neo slices from its buffer. It is marked as
+        initialised (``_is_hf_initialized``): it owns no weight, its projections are initialised as usual.
+        """
+
+        def __init__(self, config: Any, attention_type: str, layer_id: int | None = None) -> None:
+            super().__init__(_one_position(config), attention_type, layer_id)
+            self.config = config
+            self.drop_position_buffers()
+
+        @property
+        def window(self) -> int | None:
+            """The sliding window of a local layer (None: a global one)."""
+            return int(self.config.window_size) if self.attention_type == "local" else None
+
+        def drop_position_buffers(self) -> None:
+            """Free the ``n x n`` ``bias`` (an original module converted in place) and skip its re-initialisation."""
+            self.register_buffer("bias", torch.empty(0, dtype=torch.bool, device=self.q_proj.weight.device),
+                                 persistent=False)
+            self._is_hf_initialized = True
+
+        def _eager(self, query: Tensor, key: Tensor, value: Tensor,
+                   attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+            """GPT-Neo's own eager attention, its causal mask computed for this call (same values as the
+            sliced buffer, so passthrough is the original bit for bit)."""
+            query, key = query.to(torch.float32), key.to(torch.float32)
+            weights = torch.matmul(query, key.transpose(-1, -2))
+            causal = MaskSpec(causal=True, window=self.window).allowed(query.size(-2), key.size(-2), weights.device)
+            floor = torch.tensor(torch.finfo(weights.dtype).min, dtype=weights.dtype, device=weights.device)
+            weights = torch.where(causal, weights, floor)
+            if attention_mask is not None:
+                weights = weights + attention_mask
+            weights = self.attn_dropout(nn.functional.softmax(weights, dim=-1).to(value.dtype))
+            return torch.matmul(weights, value), weights
 
         def _attn(self, query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
             layer = self._modules.get("gsa")
-            if layer is None or layer.passthrough:
-                out = super()._attn(query, key, value, attention_mask)
+            exact = layer is None or layer.passthrough
+            if is_padding_row(attention_mask, query.shape[-2]):  # a long input: linear memory (long_inputs)
+                spec = MaskSpec(causal=True, key_padding=key_validity(attention_mask))
+                if not exact:
+                    return layer.attend(query, key, value, spec), None
+                out = banded_attention(query, key, value, spec.key_padding, window=self.window)
+                if layer is not None and layer.teacher is not None:
+                    layer.teacher(query, key, value, spec, out)
+                return out, None
+            if exact:
+                out = self._eager(query, key, value, attention_mask)
                 if layer is not None and layer.teacher is not None:
                     layer.tap_teacher(query, key, value, attention_mask, out[0], causal=True)
                 return out
@@ -97,6 +159,7 @@ class GPTNeoAdapter(HFAdapter):
     model_types = ("gpt_neo",)
     params_model = GPTNeoParams
     load_attn_implementation = "eager"  # the adapter subclasses the eager GPTNeoSelfAttention
+    padding_row_masks = True  # GPT-Neo's _attn adds the mask to its own causal/local mask
 
     def sites(self, model: nn.Module) -> list[Site]:
         from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
@@ -119,6 +182,23 @@ class GPTNeoAdapter(HFAdapter):
             ))
         return sites
 
+    @contextlib.contextmanager
+    def building(self, model_config: Any) -> Iterator[None]:
+        """While a GSA model is constructed (``from_pretrained``), GPT-Neo's blocks build the bias-free
+        :func:`gsa_self_attention_class` instead of ``GPTNeoSelfAttention``: no ``n x n`` buffer is allocated,
+        not even for a moment. (A plain GPT-Neo built by another thread meanwhile gets it too, and is the same:
+        without a ``gsa`` layer the class computes GPT-Neo's attention exactly.)"""
+        from transformers.models.gpt_neo import modeling_gpt_neo
+
+        classes = modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES
+        with _BUILDING:
+            original = classes["eager"]
+            classes["eager"] = gsa_self_attention_class()
+            try:
+                yield
+            finally:
+                classes["eager"] = original
+
     def default_mode(self, site: Site, params: AdapterParams) -> Mode:
         assert isinstance(params, GPTNeoParams)
         return params.local_layers if site.kind == "local" else params.global_layers
@@ -130,6 +210,7 @@ class GPTNeoAdapter(HFAdapter):
         cls = gsa_self_attention_class()
         for site in sites:
             site.module.__class__ = cls
+            site.module.drop_position_buffers()
             layer = site.module._modules.get("gsa")
             if layer is not None:
                 layer.label = site.name  # errors about its inputs name the layer

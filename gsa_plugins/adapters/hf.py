@@ -92,8 +92,10 @@ def gsa_config_class(original: type) -> type:
 
 
 def _gsa_init(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
-    type(self)._gsa_original.__init__(self, config, *args, **kwargs)
-    apply_from_config(self)
+    adapter, cfg = _adapter_of(config)
+    with adapter.building(config):  # e.g. GPT-Neo: no n x n bias buffers, not even for a moment
+        type(self)._gsa_original.__init__(self, config, *args, **kwargs)
+    adapter.apply(self, cfg)
 
 
 def _gsa_save_pretrained(self: PreTrainedModel, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
@@ -110,12 +112,10 @@ def _gsa_prepare_cache_for_generation(self: PreTrainedModel, generation_config: 
     that supports the model; ``cache_implementation="dynamic"`` (or any other) keeps transformers' choice."""
     if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
             and generation_config.cache_implementation is None and not generation_config.is_assistant):
-        registry = get_registry()
-        for comp in registry.components("cache"):
-            factory = registry.build("cache", comp.name)
-            if factory.supports(self):
-                model_kwargs["cache"] = factory.create(self)
-                return None
+        cache = long_inputs.default_cache(self)
+        if cache is not None:
+            model_kwargs["cache"] = cache
+            return None
     return type(self)._gsa_original._prepare_cache_for_generation(self, generation_config, model_kwargs,
                                                                    *args, **kwargs)
 
@@ -199,17 +199,22 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply_from_config(model: nn.Module) -> None:
-    """Attach the GSA layers that ``model.config.gsa`` describes (the GSA classes' ``__init__``)."""
+def _adapter_of(model_config: Any) -> tuple[Any, GSAConfig]:
+    """The adapter a converted model's config names, and its validated GSA config."""
     try:
-        cfg = GSAConfig.from_model_config(model.config)
+        cfg = GSAConfig.from_model_config(model_config)
     except ConfigError as exc:
         raise ConfigError(
             f"{exc}. A checkpoint whose adapter comes from a plugin needs that plugin installed"
         ) from exc
     if cfg.adapter is None:
         raise ConfigError("this GSA model config names no adapter (config.gsa.adapter is null)")
-    adapter = get_registry().build("adapter", cfg.adapter.name, cfg.adapter.params)
+    return get_registry().build("adapter", cfg.adapter.name, cfg.adapter.params), cfg
+
+
+def apply_from_config(model: nn.Module) -> None:
+    """Attach the GSA layers that ``model.config.gsa`` describes (what the GSA classes' ``__init__`` does)."""
+    adapter, cfg = _adapter_of(model.config)
     adapter.apply(model, cfg)
 
 
