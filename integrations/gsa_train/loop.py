@@ -65,7 +65,8 @@ CHECKPOINT_KEYS = ("step", "model", "optimizer", "history", "evals", "rng", "set
 class TrainingDivergedError(GSAError, FloatingPointError):
     """The loss became NaN or infinite."""
 #: Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("corpus", "layout", "attention", "gsa", "batch_size", "block_len", "seed", "vocab_size", "tokenizer")
+RESUME_KEYS = ("corpus", "layout", "attention", "gsa", "batch_size", "block_len", "seed", "vocab_size", "tokenizer",
+               "resume_from")
 
 
 class TrainSettings(BaseModel):
@@ -99,6 +100,11 @@ class TrainSettings(BaseModel):
     log_every: int = Field(10, ge=1, le=MAX_STEPS)
     calibration_tokens: int = Field(4096, ge=1, le=MAX_STEPS, description="tokens whose q/k initialise the banks (GSA)")
     resume: bool = False
+    resume_from: Path | None = Field(
+        None, description="continue training this saved model (gsa train's or gsa convert's output: GSA or softmax), "
+                          "e.g. at a longer context (block_len) after gsa convert --max-positions; the layout, "
+                          "attention and GSA config are the model's",
+    )
     progress: bool | None = Field(None, description="rich progress bar (None: when stderr is a terminal)")
     stop_after: int | None = Field(None, ge=1, description="stop after this step (tests: simulate an interruption)")
 
@@ -122,11 +128,37 @@ class TrainSettings(BaseModel):
 
     @model_validator(mode="after")
     def _block_fits(self) -> TrainSettings:
+        if self.resume_from is not None:
+            return self._resumed_model_fits()
         positions = LAYOUTS[self.layout].max_position_embeddings if self.layout in LAYOUTS else None
         if self.block_len is None:
             self.block_len = min(128, positions or 128)
         elif positions is not None and self.block_len > positions:
             raise ValueError(f"block_len {self.block_len} exceeds layout {self.layout!r}'s {positions} positions")
+        return self
+
+    def _resumed_model_fits(self) -> TrainSettings:
+        """``resume_from`` is a saved model whose positions hold a row (its kind sets ``attention``)."""
+        from gsa_core.positions import PositionLimitError, registered_strategies
+        from gsa_plugins.adapters.hf import is_gsa_checkpoint, read_checkpoint_config
+
+        assert self.resume_from is not None
+        if self.gsa is not None:
+            raise ValueError("resume_from continues a saved model with its own GSA config: give no GSA config")
+        if self.resume:
+            raise ValueError("resume_from starts a new run from a saved model; resume continues a run in --out: "
+                             "use one of them")
+        data = read_checkpoint_config(self.resume_from)
+        if data.get("model_type") not in ("gpt_neo", "gsa_gpt_neo"):
+            raise ValueError(f"resume_from {self.resume_from}: gsa train continues GPT-Neo models (converted or not), "
+                             f"not model type {data.get('model_type')!r}")
+        self.attention = "gsa" if is_gsa_checkpoint(data) else "softmax"
+        positions = int(data.get("max_position_embeddings") or 0)
+        if self.block_len is None:
+            self.block_len = min(128, positions)
+        elif self.block_len > positions:
+            raise ValueError(str(PositionLimitError(self.block_len, positions, registered_strategies(),
+                                                    what=f"a training context of {self.block_len} tokens")))
         return self
 
     @classmethod
@@ -191,6 +223,8 @@ def _tokenizer(s: TrainSettings, texts: tuple[str, ...], dp: DataParallel) -> An
     from gsa_plugins.adapters.hf import load_tokenizer
     from gsa_train.tokenizer import train_tokenizer
 
+    if s.tokenizer is None and s.resume_from is not None:
+        return _tokenizer_of(s.resume_from)
     if s.tokenizer is not None:
         tokenizer = load_tokenizer(s.tokenizer)
         if tokenizer.eos_token_id is None:
@@ -204,6 +238,21 @@ def _tokenizer(s: TrainSettings, texts: tuple[str, ...], dp: DataParallel) -> An
                         model_max_length=layout(s.layout).max_position_embeddings, save_to=s.out)
     dp.barrier()
     return load_tokenizer(s.out)
+
+
+def _tokenizer_of(folder: Path) -> Any:
+    """The tokenizer saved with a model (``resume_from``), or a message saying to give ``--tokenizer``."""
+    from gsa_core.errors import ModelLoadError
+    from gsa_plugins.adapters.hf import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder)
+    except ModelLoadError as exc:
+        raise ConfigError(f"--resume-from {folder}: {exc}; give the model's tokenizer with --tokenizer DIR") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer saved in {folder} has no end-of-text token (eos), which training uses "
+                          "between passages; give one with --tokenizer DIR")
+    return tokenizer
 
 
 def _calibrate(model: nn.Module, cfg: Any, blocks: Tensor, tokens: int, batch_size: int) -> dict[str, Any]:
@@ -224,6 +273,8 @@ def build_model(s: TrainSettings, tokenizer: Any, blocks: Tensor) -> tuple[nn.Mo
     """The model at step 0 (same on every rank): GPT-Neo of the layout, converted to GSA if asked."""
     from transformers import GPTNeoForCausalLM
 
+    if s.resume_from is not None:
+        return _resumed_model(s, tokenizer)
     config = gpt_neo_config(s.layout, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(s.seed)
@@ -237,6 +288,20 @@ def build_model(s: TrainSettings, tokenizer: Any, blocks: Tensor) -> tuple[nn.Mo
     convert(model, cfg)
     calibration = None if s.resume else _calibrate(model, cfg, blocks, s.calibration_tokens, s.batch_size)
     return model, cfg, calibration
+
+
+def _resumed_model(s: TrainSettings, tokenizer: Any) -> tuple[nn.Module, Any, None]:
+    """The saved model ``resume_from`` as it is (its banks already fitted: no calibration), and its GSA config."""
+    from gsa_core.config import GSAConfig
+
+    assert s.resume_from is not None
+    model = load_trained(s.resume_from)
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {s.resume_from} embeds {vocab}: give the "
+                          "model's own tokenizer (--tokenizer DIR)")
+    cfg = GSAConfig.from_model_config(model.config) if s.attention == "gsa" else None
+    return model, cfg, None
 
 
 @torch.no_grad()
@@ -316,6 +381,14 @@ def _save_state(path: Path, step: int, s: TrainSettings, model: nn.Module, optim
                      "controller": None if controller is None else controller.state_dict(),
                      "history": history, "evals": evals, "calibration": calibration,
                      "rng": torch.get_rng_state(), "settings": s.model_dump(mode="json")}, path)
+
+
+def _shape_of(model: nn.Module) -> dict[str, Any]:
+    """The shape of a model continued from ``resume_from`` (what ``describe`` gives for a layout)."""
+    config = model.config
+    return {"name": "resumed", "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+            "num_heads": config.num_heads, "window_size": config.window_size,
+            "max_position_embeddings": config.max_position_embeddings, "vocab_size": config.vocab_size}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -433,7 +506,7 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
     metrics: dict[str, Any] = {
         "settings": s.model_dump(mode="json"),
         "gsa_config": None if cfg is None else cfg.to_dict(),
-        "layout": describe(s.layout),
+        "layout": describe(s.layout) if s.resume_from is None else _shape_of(model),
         "corpus": {"source": texts.source, "documents": texts.n_documents, "train_passages": len(texts.train),
                    "heldout_passages": len(texts.heldout), "train_blocks": len(blocks),
                    "train_tokens": int(blocks.numel()), "heldout_blocks": len(heldout),
