@@ -131,12 +131,15 @@ def test_convert_with_a_gsa_checkpoint_as_source_is_one_message(models, tmp_path
     assert not marker.exists() and not (tmp_path / "dst").exists()
 
 
-def test_distill_goes_on_fitting_a_gsa_checkpoint_without_running_its_code(models, tmp_path, capsys):
+def test_distill_goes_on_fitting_a_gsa_checkpoint_without_running_its_code(models, tmp_path, home):
+    """In a fresh process, where no GSA class is registered yet (the case that used to prompt or fail)."""
     from gsa_plugins.adapters import load_converted
 
     folder, marker = _old_style_checkpoint(models, tmp_path)
-    result = run_cli(capsys, "distill", folder, tmp_path / "dst", "--corpus", models["corpus"], "--stage1-steps", "1",
-                     "--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--no-progress")
-    assert result.code == 0, result.err[-2000:]
+    proc = run_subprocess("distill", folder, tmp_path / "dst", "--corpus", models["corpus"], "--stage1-steps", "1",
+                          "--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--no-progress",
+                          stdin=b"y\n", env={"GSA_HOME": str(home)})
+    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    assert proc.returncode == 0 and "custom code" not in text, text[-2000:]
     assert not marker.exists()
     assert type(load_converted(tmp_path / "dst" / "model")).__name__ == "GSAGPTNeoForCausalLM"
