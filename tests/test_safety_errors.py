@@ -369,19 +369,6 @@ def test_end_of_input_inside_a_block_sends_the_block(models, home, tmp_path, cap
             assert [m.role for m in latest.messages] == ["user", "assistant"]
 
 
-def test_undecodable_bytes_typed_into_the_chat_are_kept_as_replacement_characters(models, home):
-    from _safety import run_subprocess
-
-    proc = run_subprocess("chat", models["neo"], "--set", "max_new_tokens=2",
-                          stdin=b"caf\xe9 \xff\xfe au lait\n/exit\n", env={"GSA_HOME": str(home)})
-    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
-    from gsa_chat.store import Store
-
-    with Store(_db(home)) as store:
-        (message, reply) = store.latest_session().messages
-    assert message.content == "caf\ufffd \ufffd\ufffd au lait" and reply.role == "assistant"
-
-
 def test_a_bad_setting_in_the_chat_is_a_message_and_the_chat_goes_on(models, home, tmp_path, capsys):
     script = tmp_path / "s.txt"
     script.write_text("/set stop \\x\nhello\n")

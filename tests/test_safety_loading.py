@@ -110,18 +110,23 @@ def _old_style_checkpoint(models, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_piped_chat_on_a_gsa_checkpoint_stores_both_turns_and_never_prompts(models, tmp_path, home):
+    """``printf 'Return a new list\\n/exit\\n' | gsa chat MODEL``, with one more line between them, of bytes that
+    are not UTF-8: they are kept with U+FFFD in their place (they used to end the session with a
+    UnicodeDecodeError). One process for both: each costs seconds of imports."""
+    extra = b"caf\xe9 \xff\xfe au lait\n"
     folder, marker = _old_style_checkpoint(models, tmp_path)
-    proc = run_subprocess("chat", folder, "--set", "max_new_tokens=3", stdin=b"Return a new list\n/exit\n",
-                          env={"GSA_HOME": str(home)})
+    proc = run_subprocess("chat", folder, "--set", "max_new_tokens=3",
+                          stdin=b"Return a new list\n" + extra + b"/exit\n", env={"GSA_HOME": str(home)})
     text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == 0 and "Traceback" not in text, text[-2000:]
     assert "custom code" not in text and "[y/N]" not in text and not marker.exists()
     from gsa_chat.store import Store
 
     with Store(home / "data" / "chat.sqlite3") as store:
         (session,) = store.sessions()
-        messages = store.messages(session.id)
-    assert [m.role for m in messages] == ["user", "assistant"] and messages[0].content == "Return a new list"
+        messages = [(m.role, m.content) for m in store.messages(session.id)]
+    assert [role for role, _ in messages] == ["user", "assistant"] * 2
+    assert messages[0][1] == "Return a new list" and messages[2][1] == "caf\ufffd \ufffd\ufffd au lait"
 
 
 def test_convert_with_a_gsa_checkpoint_as_source_is_one_message(models, tmp_path, capsys):
