@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from _serve_models import ServerProcess, build_gsa_chat_model
+from _serve_models import build_gsa_chat_model
+from gsa_serve.launch import ServerProcess, scrape
 
 KEY = "test-key-0123"
 MODEL = "tiny-gsa"
@@ -60,11 +61,8 @@ def client(main_url) -> openai.OpenAI:
 
 
 def metric(url: str, name: str, key: str | None = None) -> float:
-    """One sample of /metrics (``name`` with its labels, e.g. ``gsa_queue_depth``)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    """One sample of /metrics (``name`` with its labels, e.g. ``gsa_queue_depth``); 0 when absent."""
+    return scrape(url, key).get(name, 0.0)
 
 
 def poll(condition, what: str) -> None:
@@ -306,7 +304,19 @@ def test_served_conversations_are_stored_for_gsa_logs(client, home, monkeypatch,
 
 
 # ----------------------------------------------------------------------------- overload, disconnects, SIGTERM
+def test_a_client_leaving_a_non_streamed_request_cancels_it(tight_url) -> None:
+    before = metric(tight_url, 'gsa_generations_total{finish_reason="cancelled"}')
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
+        httpx.post(f"{tight_url}/v1/completions", timeout=httpx.Timeout(30.0, read=1.0),
+                   json={"model": MODEL, "prompt": "Once", "max_tokens": 3000, "ignore_eos": True})
+    poll(lambda: metric(tight_url, 'gsa_generations_total{finish_reason="cancelled"}') == before + 1,
+         "the abandoned request cancelled")
+    poll(lambda: metric(tight_url, "gsa_active_sessions") == 0, "its slot freed")
+
+
 def test_a_full_queue_gets_429_and_a_disconnect_frees_the_slot(tight_url) -> None:
+    cancelled = 'gsa_generations_total{finish_reason="cancelled"}'
+    before = metric(tight_url, cancelled)
     client = openai.OpenAI(base_url=tight_url + "/v1", api_key="none", max_retries=0, timeout=120)
     long = {"max_tokens": 3000, "stream": True, **GREEDY}
     running = chat(client, "Once upon a time", **long)
@@ -319,12 +329,12 @@ def test_a_full_queue_gets_429_and_a_disconnect_frees_the_slot(tight_url) -> Non
     assert info.value.response.headers["retry-after"] == "1"
     assert info.value.body["code"] == "queue_full"
     running.close()  # the client goes away mid-stream
-    poll(lambda: metric(tight_url, 'gsa_generations_total{finish_reason="cancelled"}') == 1, "the first cancelled")
+    poll(lambda: metric(tight_url, cancelled) == before + 1, "the first stream cancelled")
     poll(lambda: metric(tight_url, "gsa_queue_depth") == 0, "the waiting stream admitted to the freed slot")
     assert metric(tight_url, "gsa_active_sessions") == 1
     waiting.close()
     poll(lambda: metric(tight_url, "gsa_active_sessions") == 0, "the second stream's slot freed")
-    assert metric(tight_url, "gsa_generated_tokens_total") < 2 * 3000  # neither ran to its end
+    assert metric(tight_url, cancelled) == before + 2
     assert metric(tight_url, 'gsa_requests_total{endpoint="/v1/chat/completions",status="429"}') == 1
 
 

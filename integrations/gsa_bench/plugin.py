@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "decode": "generation: tokens/s and cache memory vs context, softmax KV cache vs GSA recurrent cache",
     "distill_bert": "conversion quality on the real MiniLM: sentence-embedding cosine and neighbour agreement",
     "distill_causal": "conversion quality on a reference GPT-Neo: held-out perplexity ratio, GSA from scratch",
+    "serve": "gsa serve under 1-64 streaming clients: tokens/s, TTFT, ITL, memory per session, prefix-cache TTFT",
 }
 
 

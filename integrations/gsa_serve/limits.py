@@ -36,7 +36,7 @@ class Limits(BaseModel):
     max_sessions: int = Field(16, ge=1, le=4096, description="sessions decoding at once (the batch's rows)")
     max_queue: int = Field(64, ge=0, le=1_000_000, description="requests waiting for a slot; beyond: 429")
     max_prompt_tokens: int = Field(8192, ge=1, le=10**7, description="tokens of one prompt")
-    max_tokens: int = Field(4096, ge=1, le=10**7, description="the largest max_tokens a request may ask for")
+    max_tokens: int = Field(4096, ge=1, le=100_000, description="the largest max_tokens a request may ask for")
     prefill_chunk: int = Field(512, ge=1, le=1 << 16, description="prompt tokens per prefill forward")
 
     def check(self, prompt_tokens: int, max_new_tokens: int, max_positions: int | None, *,

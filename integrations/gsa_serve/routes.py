@@ -9,7 +9,8 @@ With an API key every endpoint but ``/health`` (what an orchestrator's liveness 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -87,94 +88,93 @@ async def get_model(model_id: str, request: Request) -> s.ModelCard:
     return s.ModelCard(id=srv.model_id, created=srv.created)
 
 
-# ----------------------------------------------------------------------------- chat completions
+# ----------------------------------------------------------------------------- completions, chat and text
+@dataclass(frozen=True)
+class Flavour:
+    """How one endpoint writes its answer: the whole response, and the chunks of a stream."""
+
+    prefix: str  # of the response id
+    response: type[s.ChatCompletion] | type[s.Completion]
+    chunk: type[s.ChatCompletionChunk] | type[s.Completion]
+    whole: Callable[[str, str], Any]  # (text, finish reason) -> the choice of the whole response
+    piece: Callable[[str], Any]  # text -> the choice of a streamed chunk
+    end: Callable[[str], Any]  # finish reason -> the choice of the last chunk
+    opening: Callable[[], Any] | None = None  # the choice of a first chunk, before any text
+
+
+CHAT = Flavour("chatcmpl", s.ChatCompletion, s.ChatCompletionChunk,
+               whole=lambda text, reason: s.ChatChoice(message=s.AssistantMessage(content=text), finish_reason=reason),
+               piece=lambda text: s.ChatChunkChoice(delta=s.ChatDelta(content=text)),
+               end=lambda reason: s.ChatChunkChoice(delta=s.ChatDelta(), finish_reason=reason),
+               opening=lambda: s.ChatChunkChoice(delta=s.ChatDelta(role="assistant", content="")))
+TEXT = Flavour("cmpl", s.Completion, s.Completion,
+               whole=lambda text, reason: s.CompletionChoice(text=text, finish_reason=reason),
+               piece=lambda text: s.CompletionChoice(text=text),
+               end=lambda reason: s.CompletionChoice(text="", finish_reason=reason))
+
+
 @v1.post("/chat/completions", response_model=None)
-async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> s.ChatCompletion | Response:
+async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Any:
     srv = server(request)
     srv.check_model(body.model)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
     ids = await run_in_threadpool(chat_prompt_ids, srv.template, body.messages, srv.tokenizer)
-    generation = Generation(srv.engine, srv.generation(body, ids, rid, [*body.stops, *srv.template.stop], "messages"))
+    sessions = srv.sessions
+    on_reply = None if sessions is None else (lambda text: sessions.record(body.messages, text))
+    return await answer(request, srv, body, ids, [*body.stops, *srv.template.stop], "messages", CHAT, on_reply)
+
+
+@v1.post("/completions", response_model=None)
+async def completions(body: s.CompletionRequest, request: Request) -> Any:
+    srv = server(request)
+    srv.check_model(body.model)
+    prompt: Any = body.prompt
+    ids = await run_in_threadpool(completion_prompt_ids, prompt, srv.tokenizer, srv.vocab_size)
+    return await answer(request, srv, body, ids, body.stops, "prompt", TEXT)
+
+
+async def answer(request: Request, srv: Server, body: s.ChatCompletionRequest | s.CompletionRequest, ids: list[int],
+                 stop: list[str], prompt_param: str, flavour: Flavour,
+                 on_reply: Callable[[str], None] | None = None) -> Any:
+    """Submit the generation; stream its chunks, or wait for the whole reply (``on_reply`` gets the text)."""
+    rid = f"{flavour.prefix}-{uuid.uuid4().hex}"
+    generation = Generation(srv.engine, srv.generation(body, ids, rid, stop, prompt_param))
     note(request, request_id=rid, model=body.model, stream=bool(body.stream), prompt_tokens=len(ids))
     if body.stream:
-        return event_stream(_chat_chunks(request, srv, body, generation, rid))
+        return event_stream(_chunks(request, srv, body, generation, rid, flavour, on_reply))
     try:
         text, final = await collect(request, generation)
     finally:
         finished(request, generation)
-    if srv.sessions is not None:
-        srv.sessions.record(body.messages, text)
-    return s.ChatCompletion(id=rid, created=srv.created, model=srv.model_id, usage=usage(generation), choices=[
-        s.ChatChoice(message=s.AssistantMessage(content=text), finish_reason=final.finish_reason)])
+    if on_reply is not None:
+        on_reply(text)
+    return flavour.response(id=rid, created=srv.created, model=srv.model_id, usage=usage(generation),
+                            choices=[flavour.whole(text, str(final.finish_reason))])
 
 
-async def _chat_chunks(request: Request, srv: Server, body: s.ChatCompletionRequest, generation: Generation,
-                       rid: str) -> AsyncIterator[str]:
-    def chunk(delta: s.ChatDelta | None, finish: str | None = None, with_usage: bool = False) -> str:
-        choices = [] if delta is None else [s.ChatChunkChoice(delta=delta, finish_reason=finish)]
-        return sse(s.ChatCompletionChunk(id=rid, created=srv.created, model=srv.model_id, choices=choices,
-                                         usage=usage(generation) if with_usage else None))
+async def _chunks(request: Request, srv: Server, body: s.SamplingRequest, generation: Generation, rid: str,
+                  flavour: Flavour, on_reply: Callable[[str], None] | None) -> AsyncIterator[str]:
+    def chunk(choices: list[Any], with_usage: bool = False) -> str:
+        return sse(flavour.chunk(id=rid, created=srv.created, model=srv.model_id, choices=choices,
+                                 usage=usage(generation) if with_usage else None))
 
     parts: list[str] = []
     try:
-        yield chunk(s.ChatDelta(role="assistant", content=""))
+        if flavour.opening is not None:
+            yield chunk([flavour.opening()])
         async for event in generation.events():
             if event.text:
                 parts.append(event.text)
-                yield chunk(s.ChatDelta(content=event.text))
+                yield chunk([flavour.piece(event.text)])
         error = generation.failure()
         if error is not None:
             yield sse(error.body())
         else:
             assert generation.final is not None
-            yield chunk(s.ChatDelta(), finish=generation.final.finish_reason)
-            if body.include_usage:
-                yield chunk(None, with_usage=True)
-            if srv.sessions is not None:
-                srv.sessions.record(body.messages, "".join(parts))
-        yield DONE
-    finally:
-        finished(request, generation)
-
-
-# ----------------------------------------------------------------------------- text completions
-@v1.post("/completions", response_model=None)
-async def completions(body: s.CompletionRequest, request: Request) -> s.Completion | Response:
-    srv = server(request)
-    srv.check_model(body.model)
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    prompt: Any = body.prompt
-    ids = await run_in_threadpool(completion_prompt_ids, prompt, srv.tokenizer, srv.vocab_size)
-    generation = Generation(srv.engine, srv.generation(body, ids, rid, body.stops, "prompt"))
-    note(request, request_id=rid, model=body.model, stream=bool(body.stream), prompt_tokens=len(ids))
-    if body.stream:
-        return event_stream(_completion_chunks(request, srv, body, generation, rid))
-    try:
-        text, final = await collect(request, generation)
-    finally:
-        finished(request, generation)
-    return s.Completion(id=rid, created=srv.created, model=srv.model_id, usage=usage(generation),
-                        choices=[s.CompletionChoice(text=text, finish_reason=final.finish_reason)])
-
-
-async def _completion_chunks(request: Request, srv: Server, body: s.CompletionRequest, generation: Generation,
-                             rid: str) -> AsyncIterator[str]:
-    def chunk(choices: list[s.CompletionChoice], with_usage: bool = False) -> str:
-        return sse(s.Completion(id=rid, created=srv.created, model=srv.model_id, choices=choices,
-                                usage=usage(generation) if with_usage else None))
-
-    try:
-        async for event in generation.events():
-            if event.text:
-                yield chunk([s.CompletionChoice(text=event.text)])
-        error = generation.failure()
-        if error is not None:
-            yield sse(error.body())
-        else:
-            assert generation.final is not None
-            yield chunk([s.CompletionChoice(text="", finish_reason=generation.final.finish_reason)])
+            yield chunk([flavour.end(str(generation.final.finish_reason))])
             if body.include_usage:
                 yield chunk([], with_usage=True)
+            if on_reply is not None:
+                on_reply("".join(parts))
         yield DONE
     finally:
         finished(request, generation)

@@ -55,7 +55,8 @@ class RowSampler:
         if not self.processors:
             return logits
         ids = history if history is not None else logits.new_zeros((0,), dtype=torch.long)
-        return self.processors(ids.view(1, -1), logits.view(1, -1)).view(-1)
+        # a copy: the logits may be a prefix-cache entry's, shared with other requests
+        return self.processors(ids.view(1, -1), logits.clone().view(1, -1)).view(-1)
 
     def __call__(self, logits: Tensor, history: Tensor | None = None) -> int:
         """The next token for ``logits [vocab]``."""

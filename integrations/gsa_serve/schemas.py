@@ -243,62 +243,59 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+FinishReason = Literal["stop", "length"]
+
+
+class Choice(BaseModel):
     index: int = 0
-    delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatChoice(Choice):
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatChunkChoice(Choice):
+    delta: ChatDelta
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+class Response(BaseModel):
+    """What every completion object and chunk carries."""
+
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+class ChatCompletion(Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
 
 
-class Completion(BaseModel):
+class ChatCompletionChunk(Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class Completion(Response):
     """A text completion, and (with ``stream``) each of its chunks: the same object, OpenAI's convention."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -326,7 +323,7 @@ class ErrorResponse(BaseModel):
 
 __all__ = [
     "MAX_STOP", "AssistantMessage", "ChatChoice", "ChatChunkChoice", "ChatCompletion", "ChatCompletionChunk",
-    "ChatCompletionRequest", "ChatDelta", "ChatMessage", "Completion", "CompletionChoice", "CompletionRequest",
-    "ErrorDetail", "ErrorResponse", "ModelCard", "ModelList", "PromptTokensDetails", "SamplingRequest",
-    "StreamOptions", "UsageInfo",
+    "ChatCompletionRequest", "ChatDelta", "ChatMessage", "Choice", "Completion", "CompletionChoice",
+    "CompletionRequest", "ErrorDetail", "ErrorResponse", "FinishReason", "ModelCard", "ModelList",
+    "PromptTokensDetails", "Response", "SamplingRequest", "StreamOptions", "UsageInfo",
 ]
