@@ -119,8 +119,8 @@ def decode_with_store(store: PastStore, layer_idx: int, gsa: GSALayer | None, q:
     plan = store.decode_plan(layer_idx)
     if layer_signature(gsa) != plan.signature:
         raise RuntimeError(
-            f"layer {layer_idx} changed since this cache was created (GSA switched on/off or its mode changed): "
-            "start generation with a fresh cache (gsa_generate.recurrent_cache(model))"
+            f"layer {layer_idx} changed since this cache was created (GSA switched on/off, its mode or its recall "
+            "cache changed): start generation with a fresh cache (gsa_generate.recurrent_cache(model))"
         )
     batch, _, n, _ = q.shape
     valid = new_token_validity(attention_mask, batch, n, q.device)

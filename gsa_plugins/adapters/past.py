@@ -27,12 +27,13 @@ KINDS: tuple[str, ...] = ("state", "window", "hybrid", "full", "recall")
 #: Tokens per piece when many new tokens (a prefill) go through a window, hybrid or full layer:
 #: bounds the score matrix to ``CHUNK x (kept + CHUNK)``.
 CHUNK = 256
-Signature = tuple[int, bool, str] | None
+Signature = tuple[int, bool, str, bool] | None
 
 
 def layer_signature(gsa: GSALayer | None) -> Signature:
-    """What a plan depends on and may change at run time: which GSA layer, GSA on/off, its mode."""
-    return None if gsa is None else (id(gsa), bool(gsa.passthrough), str(gsa.mode))
+    """What a plan depends on and may change at run time: which GSA layer, GSA on/off, its mode, whether it
+    keeps a recall cache."""
+    return None if gsa is None else (id(gsa), bool(gsa.passthrough), str(gsa.mode), gsa.recall is not None)
 
 
 @dataclasses.dataclass(frozen=True)
