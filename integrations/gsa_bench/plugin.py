@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "init": "initializers on the real MiniLM: attention error before training, coverage, time",
     "adaptation": "adaptation on vs off on the synthetic shift task",
     "decode": "generation: tokens/s and cache memory vs context, softmax KV cache vs GSA recurrent cache",
+    "longctx": "generate() on 4k-64k prompts: peak RSS, time to first token, prefill and decode speed, GSA vs softmax",
     "distill_bert": "conversion quality on the real MiniLM: sentence-embedding cosine and neighbour agreement",
     "distill_causal": "conversion quality on a reference GPT-Neo: held-out perplexity ratio, GSA from scratch",
     "serve": "gsa serve under 1-64 streaming clients: tokens/s, TTFT, ITL, memory per session, prefix-cache TTFT",
