@@ -225,7 +225,7 @@ def _db(home: Path) -> Path:
     return home / "data" / "chat.sqlite3"
 
 
-@pytest.mark.parametrize("damage", ["random", "truncated", "foreign", "wrong-columns"])
+@pytest.mark.parametrize("damage", ["random", "truncated", "one-byte", "foreign", "wrong-columns"])
 def test_a_damaged_chat_database_is_one_message_everywhere(models, home, tmp_path, capsys, damage):
     script = tmp_path / "s.txt"
     script.write_text("hello\n")
@@ -237,6 +237,8 @@ def test_a_damaged_chat_database_is_one_message_everywhere(models, home, tmp_pat
         db.write_bytes(os.urandom(8192))
     elif damage == "truncated":
         db.write_bytes(db.read_bytes()[:1500])
+    elif damage == "one-byte":  # SQLite alone would take it for an empty database and overwrite it (the fuzzer's find)
+        db.write_bytes(b"x")
     else:
         db.unlink()
         raw = sqlite3.connect(db)

@@ -123,6 +123,18 @@ def default_path() -> Path:
     return data_dir() / DB_NAME
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_header(path: Path) -> None:
+    """A non-empty file must start as an SQLite database: SQLite itself would take a short file of any bytes
+    for an empty database and overwrite it."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(SQLITE_HEADER))
+    if head and head != SQLITE_HEADER:
+        raise sqlite3.DatabaseError("file is not a database")
+
+
 class Store:
     """The session database. Every write commits at once (autocommit), so nothing waits in memory.
 
@@ -153,11 +165,13 @@ class Store:
             make_private(self.path.with_name(self.path.name + suffix))
         if not os.access(self.path, os.R_OK | os.W_OK):
             raise sqlite3.OperationalError("attempt to write a readonly database")
+        _check_header(self.path)
         return sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         if not self.path.is_file():
             raise sqlite3.OperationalError("unable to open database file")
+        _check_header(self.path)
         uri = f"file:{quote(str(self.path.resolve()))}"
         try:
             conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
