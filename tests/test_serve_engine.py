@@ -34,7 +34,8 @@ class LetterTokenizer:
 
 
 def build(kind: str):
-    """A model per decode path: GSA state + exact window, GSA state + hybrid window, softmax (KV), Llama (KV)."""
+    """A model per decode path: GSA state + exact window, GSA state + hybrid window, a recall cache, softmax (KV),
+    Llama (KV)."""
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,10 +50,13 @@ def build(kind: str):
     elif kind == "hybrid":
         convert(model, {**GSA, "adapter": {"name": "gpt-neo", "params": {"local_layers": "hybrid",
                                                                          "hybrid_window": 3}}})
+    elif kind == "recall":  # a state plus an exact cache of the keys chosen by score
+        convert(model, {**GSA, "adapter": {"name": "gpt-neo", "params": {"local_layers": "exact"}},
+                        "recall": {"name": "self-recall", "params": {"budget": 3, "block": 5}}})
     return model
 
 
-KINDS = ("gsa", "hybrid", "softmax", "llama")
+KINDS = ("gsa", "hybrid", "recall", "softmax", "llama")
 
 
 @pytest.fixture(scope="module", params=KINDS)

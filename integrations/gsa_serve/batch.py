@@ -10,6 +10,7 @@ left) are trimmed, so a long-lived batch does not carry padding for sessions lon
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -28,8 +29,9 @@ def trim_padding(past: LayerPast) -> LayerPast:
     if first == 0:
         return past
     assert past.keys is not None and past.values is not None
-    return LayerPast(state=past.state, keys=past.keys[..., first:, :], values=past.values[..., first:, :],
-                     valid=past.valid[:, first:])
+    # replace(): every other part of the past (a state, a recall cache) stays as it is
+    return dataclasses.replace(past, keys=past.keys[..., first:, :], values=past.values[..., first:, :],
+                               valid=past.valid[:, first:])
 
 
 def prefill(runner: Runner, past: SessionPast | None, ids: Sequence[int]) -> tuple[Tensor, SessionPast]:
