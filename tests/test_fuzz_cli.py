@@ -414,12 +414,10 @@ def test_fuzz_bench_arguments(data):
 @fuzz(6)
 @given(data=st.data())
 def test_fuzz_demo(data):
+    """Bad arguments only: a valid demo trains on the whole standard library for a minute (tests/test_demo.py)."""
     with sandbox() as root:
-        steps = data.draw(st.sampled_from(["0", "-1", "abc", str(10**10), "1e3", "1"]))
+        steps = data.draw(st.sampled_from(["0", "-1", "abc", str(10**10), "1e3", ""]))
         out = data.draw(st.sampled_from([root / "demo", root / "cfg.toml", root / "no" / "pe"]))
         argv = ["demo", "--steps", steps, "--out", str(out),
-                *options(data.draw, {"--seed": numbers, "--config": lambda: str(put_config(data.draw, root))},
-                         2)]
-        if steps == "1" and "--config" not in argv:  # the embedded default config, one step: keep it short
-            argv += ["--config", str(put_config(data.draw, root))]
+                *options(data.draw, {"--seed": numbers, "--config": lambda: str(put_config(data.draw, root))}, 2)]
         run_case("demo", argv, root, lambda code: [out] if code == 0 else [])
