@@ -237,7 +237,10 @@ def test_builtin_commands_and_benchmarks_come_through_entry_points():
     with scoped_registry() as reg:
         commands = {c.name: c for c in reg.commands("command")}
         assert {"plugins", "config", "train", "convert", "distill", "bench", "chat"} <= set(commands)
-        assert {c.provider.name for c in commands.values()} == {"cli"}
+        # the project's own commands come through its own entry points: the CLI's, and gsa eval's
+        assert {c.provider.name for c in commands.values()} == {"cli", "eval"}
+        assert {c.provider.distribution for c in commands.values()} == {"gaussian-splat-attention"}
+        assert commands["eval"].provider.name == "eval"
         assert commands["train"].provider.distribution == "gaussian-splat-attention"
         assert commands["train"].target == "gsa_cli.commands_train:add_arguments"
         benchmarks = {c.name: c for c in reg.commands("benchmark")}
