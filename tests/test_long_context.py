@@ -129,7 +129,8 @@ def test_a_long_prefill_makes_no_n_by_n_tensor():
         with torch.no_grad(), LargestTensor() as probe:
             model(input_ids=ids, logits_to_keep=1)
         largest[n] = probe.bytes, probe.op
-    assert largest[1024][0] <= 2 * largest[512][0], largest  # at most linear (ids, positions): a quadratic term would be 4x
+    # at most linear (ids, positions): a quadratic term would be 4x
+    assert largest[1024][0] <= 2 * largest[512][0], largest
     assert largest[1024][0] < 1024**2 // 4, largest  # far below one n x n bool mask
 
 
