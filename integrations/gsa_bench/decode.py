@@ -30,7 +30,7 @@ import gsa_common
 
 from gsa_bench import timing
 from gsa_bench.args import parse_sizes
-from gsa_bench.scaffold import Benchmark, Run, log, pyplot
+from gsa_bench.scaffold import Benchmark, Run, log, ok_cases, ok_series, pyplot
 
 SCHEMA = "gsa-bench-decode/1"
 CASE_TARGET = "gsa_bench.decode:run_case"
@@ -162,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(settings: dict[str, Any], cases: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = {(c["model"], c["context"]): c for c in cases if c.get("status") == "ok"}
+    ok = ok_cases(cases)
     contexts = settings["contexts"]
     gsa = [ok[("gsa", n)] for n in contexts if ("gsa", n) in ok]
     soft = [ok[("softmax", n)] for n in contexts if ("softmax", n) in ok]
@@ -256,8 +256,7 @@ def plot(report: dict[str, Any]) -> Any:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in MODELS:
-        cs = sorted((c for c in report["cases"] if c["model"] == kind and c.get("status") == "ok"),
-                    key=lambda c: c["context"])
+        cs = ok_series(report["cases"], kind)
         if not cs:
             continue
         xs = [c["context"] for c in cs]
@@ -279,7 +278,7 @@ def plot(report: dict[str, Any]) -> Any:
 def summary_text(report: dict[str, Any]) -> str:
     lines = ["| context | softmax ms/token | GSA ms/token | speedup | softmax CPU ms/token | GSA CPU ms/token | "
              "softmax cache MiB | GSA cache MiB |", "|---|---|---|---|---|---|---|---|"]
-    ok = {(c["model"], c["context"]): c for c in report["cases"] if c.get("status") == "ok"}
+    ok = ok_cases(report["cases"])
     for n in report["settings"]["contexts"]:
         s, g = ok.get(("softmax", n)), ok.get(("gsa", n))
 

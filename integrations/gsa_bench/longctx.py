@@ -35,7 +35,7 @@ import gsa_common
 
 from gsa_bench import timing
 from gsa_bench.args import parse_sizes
-from gsa_bench.scaffold import Benchmark, Run, log, pyplot, quick_defaults
+from gsa_bench.scaffold import Benchmark, Run, log, ok_cases, ok_series, pyplot, quick_defaults
 
 SCHEMA = "gsa-bench-longctx/1"
 CASE_TARGET = "gsa_bench.longctx:run_case"
@@ -251,7 +251,7 @@ def _report(settings: dict[str, Any], cases: list[dict[str, Any]], isolate: bool
 
 
 def summarise(settings: dict[str, Any], cases: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = {(c["model"], c["context"]): c for c in cases if c.get("status") == "ok"}
+    ok = ok_cases(cases)
     lo, hi = min(settings["contexts"]), max(settings["contexts"])
     out: dict[str, Any] = {}
     small, large = ok.get(("gsa", lo)), ok.get(("gsa", hi))
@@ -311,8 +311,7 @@ def plot(report: dict[str, Any]) -> Any:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in MODELS:
-        cs = sorted((c for c in report["cases"] if c["model"] == kind and c.get("status") == "ok"),
-                    key=lambda c: c["context"])
+        cs = ok_series(report["cases"], kind)
         if not cs:
             continue
         xs = [c["context"] for c in cs]

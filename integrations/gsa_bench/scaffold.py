@@ -174,6 +174,16 @@ def pyplot() -> Any:
     return plt
 
 
+def ok_cases(cases: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The cases that ran to the end, by ``(model, context)``: what summaries and plots compare."""
+    return {(c["model"], c["context"]): c for c in cases if c.get("status") == "ok"}
+
+
+def ok_series(cases: Sequence[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """One model's finished cases in order of context: a plotted line."""
+    return [c for (m, _), c in sorted(ok_cases(cases).items(), key=lambda item: item[0][1]) if m == model]
+
+
 def quick_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
     """Each option left at None gets its ``(quick, full)`` default, by ``--quick``."""
     for name, (quick, full) in defaults.items():
