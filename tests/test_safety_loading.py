@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 from _safety import gsa_checkpoint, run_cli, run_subprocess, tiny_bert, tiny_neo
 from _train_corpus import write_corpus
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
          "--eval-blocks", "8", "--no-progress"]
@@ -71,8 +74,9 @@ def test_distill_resume_with_a_damaged_checkpoint_is_one_message(models, tmp_pat
                    *common).code == 0
     last = dst / "checkpoints" / "last.pt"
     data = last.read_bytes()
-    last.write_bytes({"truncated": data[: len(data) // 2], "random": os.urandom(4096), "empty": b"",
-                      "foreign": b""}[damage])
+    damaged = {"truncated": data[: len(data) // 2], "random": random.Random(damage).randbytes(4096),
+               "empty": b"", "foreign": b""}
+    last.write_bytes(damaged[damage])
     if damage == "foreign":
         torch.save({"weights": torch.ones(3)}, last)  # a valid file of another program
     result = run_cli(capsys, "distill", models["bert"], dst, "--stage1-steps", "4", "--resume", *common)
@@ -148,3 +152,19 @@ def test_distill_goes_on_fitting_a_gsa_checkpoint_without_running_its_code(model
     assert proc.returncode == 0 and "custom code" not in text, text[-2000:]
     assert not marker.exists()
     assert type(load_converted(tmp_path / "dst" / "model")).__name__ == "GSAGPTNeoForCausalLM"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=256), st.sampled_from([b"e", b"t\0", b"}e", b"(t"])))
+def test_any_damaged_checkpoint_file_is_one_checkpoint_error(tmp_path, data):
+    """Whatever bytes a checkpoint holds, loading it is a CheckpointError naming the file, never another
+    exception: the restricted unpickler raises IndexError ('pop from empty list' for ``b"e"``) or KeyError on
+    some damaged files, which used to escape as tracebacks."""
+    from gsa_data.files import load_checkpoint
+
+    from gsa_core.errors import CheckpointError
+
+    path = tmp_path / "state.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"state\.pt"):
+        load_checkpoint(path, required=("step",))

@@ -233,10 +233,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, required: Iterable[str] = (
                 f"It was not written by gsa, or was tampered with: {fix}") from None
         raise CheckpointError(f"{what} {source} is not a readable checkpoint (corrupt or not a checkpoint): "
                               f"{fix}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, MemoryError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"{what} {source} cannot be loaded: it cannot be read ({exc.strerror or exc}); "
+                              f"{fix}") from None
+    except Exception as exc:  # the restricted unpickler over damaged bytes raises anything
+        # (EOFError, RuntimeError, IndexError 'pop from empty list', KeyError, ...): weights_only already
+        # refused every object that could run code, so what is left is a damaged file
         reason = "it is empty" if isinstance(exc, EOFError) else "it is truncated or corrupt"
-        if isinstance(exc, OSError):
-            reason = f"it cannot be read ({exc.strerror or exc})"
         raise CheckpointError(f"{what} {source} cannot be loaded: {reason}; {fix}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{what} {source} holds a {type(payload).__name__}, not a gsa checkpoint: {fix}")
