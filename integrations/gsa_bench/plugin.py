@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "distill_bert": "conversion quality on the real MiniLM: sentence-embedding cosine and neighbour agreement",
     "distill_causal": "conversion quality on a reference GPT-Neo: held-out perplexity ratio, GSA from scratch",
     "serve": "gsa serve under 1-64 streaming clients: tokens/s, TTFT, ITL, memory per session, prefix-cache TTFT",
+    "batch_step": "serving's batched decode step in one process: ms per step and tokens/s against rows, GSA vs softmax",
 }
 
 
