@@ -113,6 +113,25 @@ def test_command_writes_the_report(models, tmp_path, capsys):
     assert "| soft | softmax |" in capsys.readouterr().out
 
 
+def test_recall_adds_no_row_for_a_model_saved_with_that_cache(models):
+    """``--recall`` equal to a model's own saved cache (defaults filled in either) re-measures nothing; another
+    setting (a different block) is a new variant."""
+    import argparse
+
+    from _eval_models import RECALL
+    from gsa_eval.models import model_spec
+
+    specs = [model_spec(f"{k}={models[k]}") for k in ("softmax", "gsa", "recall")]
+    same = {"name": RECALL["name"], "params": {**RECALL["params"]}}
+    other = {"name": RECALL["name"], "params": {**RECALL["params"], "block": RECALL["params"]["block"] * 2}}
+    labels = [(spec.label, recall is not None)
+              for spec, recall in passkey_bench.variants(argparse.Namespace(models=specs, recall=same))]
+    assert labels == [("softmax", False), ("gsa", False), ("recall", False), ("gsa", True)]
+    labels = [(spec.label, recall is not None)
+              for spec, recall in passkey_bench.variants(argparse.Namespace(models=specs, recall=other))]
+    assert labels == [("softmax", False), ("gsa", False), ("recall", False), ("gsa", True), ("recall", True)]
+
+
 def test_an_oracle_model_scores_one_through_the_command(models, tmp_path, monkeypatch, fmt):
     """The whole path (format, prompts, scoring, summary) with a stand-in for greedy decoding."""
     def cheat(model, prompt, new_tokens, chunk):

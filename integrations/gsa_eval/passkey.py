@@ -72,13 +72,26 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def variants(args: argparse.Namespace) -> list[tuple[Any, dict[str, Any] | None]]:
-    """``(spec, recall)`` per evaluated variant: every model as saved, and with ``--recall`` every GSA one again."""
+    """``(spec, recall)`` per evaluated variant: every model as saved, and with ``--recall`` every GSA one again,
+    except a model saved with that very cache (its ``+recall`` row would be the same model measured twice)."""
     from gsa_plugins.adapters.hf import is_gsa_checkpoint, read_checkpoint_config
 
     out: list[tuple[Any, dict[str, Any] | None]] = [(spec, None) for spec in args.models]
     if args.recall is not None:
-        out += [(spec, args.recall) for spec in args.models if is_gsa_checkpoint(read_checkpoint_config(spec.path))]
+        wanted = _recall_setting(args.recall)
+        for spec in args.models:
+            saved = read_checkpoint_config(spec.path)
+            if is_gsa_checkpoint(saved) and _recall_setting((saved.get("gsa") or {}).get("recall")) != wanted:
+                out.append((spec, args.recall))
     return out
+
+
+def _recall_setting(recall: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recall setting with its defaults filled (validated), so equal settings compare equal however written."""
+    if recall is None:
+        return None
+    cfg = GSAConfig.from_dict({"recall": recall}, source="--recall").recall
+    return None if cfg is None else cfg.model_dump(mode="json")
 
 
 def measure(args: argparse.Namespace, run: Run) -> dict[str, Any]:
