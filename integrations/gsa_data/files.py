@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -223,7 +224,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, required: Iterable[str] = (
 
     source = Path(path)
     try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols of damaged files: one message
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL.search(str(exc))
         if found:
