@@ -36,6 +36,13 @@ class Result:
         return self.code == 2 and "Traceback" not in self.err and len(lines) == 1
 
 
+#: ``gsa train`` on the micro layout in a few seconds (the safety, fault and loading tests' shared settings)
+TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
+         "--eval-blocks", "8", "--no-progress"]
+#: ``gsa distill`` of a tiny BERT in a few seconds (each test adds its stage settings)
+DISTILL = ["--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--splats", "4", "--no-progress"]
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> Result:
     """``gsa ARGS`` in-process (fast); argparse's usage errors come back as their exit status."""
     from gsa_cli.main import main

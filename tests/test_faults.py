@@ -19,6 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import _safety
 import pytest
 import torch
 from _safety import tiny_bert
@@ -26,10 +27,8 @@ from _train_corpus import write_corpus
 
 SEED = int(os.environ.get("GSA_FAULT_SEED", "0"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
-         "--eval-blocks", "8", "--no-progress"]
-DISTILL = ["--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--splats", "4", "--stage1-lr", "0.05",
-           "--no-progress"]
+TRAIN = _safety.TRAIN
+DISTILL = [*_safety.DISTILL, "--stage1-lr", "0.05"]
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import _safety
 import pytest
 from _safety import DAMAGES, changed, damaged_copy, read_only, run_cli, snapshot, tiny_bert, tiny_neo
 from _train_corpus import MICRO, write_corpus
 
-TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
-         "--eval-blocks", "8", "--no-progress"]
-DISTILL = ["--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--splats", "4", "--stage1-steps", "1",
-           "--no-progress"]
+TRAIN = _safety.TRAIN
+DISTILL = [*_safety.DISTILL, "--stage1-steps", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import _safety
 import pytest
 import torch
 from _safety import gsa_checkpoint, run_cli, run_subprocess, tiny_bert, tiny_neo
@@ -17,9 +18,8 @@ from _train_corpus import write_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-TRAIN = ["--layout", "micro", "--vocab-size", "300", "--batch-size", "4", "--block-len", "32", "--warmup-steps", "2",
-         "--eval-blocks", "8", "--no-progress"]
-DISTILL = ["--max-length", "32", "--batch-size", "4", "--calib-tokens", "200", "--splats", "4", "--no-progress"]
+TRAIN = _safety.TRAIN
+DISTILL = _safety.DISTILL
 
 
 class Planted:
