@@ -15,16 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsa_common import check_range
     from gsa_data.files import check_destination
     from gsa_demo.run import run_demo
 
     from gsa_core.config import MAX_SEED, MAX_STEPS
-    from gsa_core.errors import ConfigError
 
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise ConfigError(f"--steps must be between 1 and {MAX_STEPS:,}, got {args.steps}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    check_range("--steps", args.steps, 1, MAX_STEPS)
+    check_range("--seed", args.seed, 0, MAX_SEED)
     check_destination(args.out, force=True, flag="--out")  # demo.json is replaced; a file or read-only: refused
     run_demo(steps=args.steps, seed=args.seed, config_path=args.config, out_dir=args.out)
     return 0

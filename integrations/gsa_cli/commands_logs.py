@@ -28,6 +28,7 @@ def _when(timestamp: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gsa_chat.store import Store, default_path, session_dict
+    from gsa_common import check_range
 
     from gsa_cli.output import print_json, print_table
     from gsa_core.errors import GSAError
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise GSAError(f"gsa logs list takes no ID (got {args.session!r}); use gsa logs show ID")
     if args.action == "show" and args.session is None:
         raise GSAError("gsa logs show needs a session id or name: gsa logs show ID")
-    if not 1 <= args.limit <= MAX_LIMIT:
-        raise GSAError(f"--limit must be between 1 and {MAX_LIMIT:,}, got {args.limit}")
+    check_range("--limit", args.limit, 1, MAX_LIMIT)
     path = default_path()
     if not path.exists():  # reading never creates the database
         if args.action == "show":

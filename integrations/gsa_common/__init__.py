@@ -4,10 +4,10 @@ The lowest integration package: it imports nothing from the other ``gsa_*`` pack
 use it without creating a cycle.
 
 - :mod:`~gsa_common.runinfo`: when a run happened and how busy the machine was (timestamps, load average);
-- :mod:`~gsa_common.args`: command-line argument types (a JSON object).
+- :mod:`~gsa_common.args`: command-line argument types (a JSON object) and range checks.
 """
 
-from gsa_common.args import json_object_arg
+from gsa_common.args import check_range, json_object_arg
 from gsa_common.runinfo import load_average, utc_now
 
-__all__ = ["json_object_arg", "load_average", "utc_now"]
+__all__ = ["check_range", "json_object_arg", "load_average", "utc_now"]

@@ -42,6 +42,12 @@ def model_spec(text: str) -> ModelSpec:
     return ModelSpec(label, Path(path))
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluations' positional ``MODEL ...`` (``LABEL=PATH`` or ``PATH``)."""
+    parser.add_argument("models", nargs="*", type=model_spec, metavar="MODEL",
+                        help="LABEL=PATH or PATH: folders saved by gsa train or gsa convert")
+
+
 def check_specs(specs: list[ModelSpec], *, max_tokens: int, positions: str | None) -> None:
     """Distinct labels, loadable folders, and positions for ``max_tokens`` (a table that is too short needs a
     registered ``positions`` strategy): checked before any model is loaded."""
@@ -162,6 +168,6 @@ def greedy(model: Any, prompt: list[int], new_tokens: int, *, chunk: int = DEFAU
 Generate = Callable[[list[int], int], list[int]]
 
 __all__ = [
-    "DEFAULT_CHUNK", "Generate", "LoadedModel", "ModelSpec", "attention_kind", "cache_bytes", "check_specs", "greedy",
-    "load_model", "model_spec", "new_cache", "stream",
+    "DEFAULT_CHUNK", "Generate", "LoadedModel", "ModelSpec", "add_model_arguments", "attention_kind", "cache_bytes",
+    "check_specs", "greedy", "load_model", "model_spec", "new_cache", "stream",
 ]

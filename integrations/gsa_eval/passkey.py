@@ -18,11 +18,11 @@ from typing import Any
 
 from gsa_bench.args import csv_list, parse_sizes
 from gsa_bench.scaffold import Benchmark, Run, log, pyplot
-from gsa_common import json_object_arg
+from gsa_common import check_range, json_object_arg
 
 from gsa_core.config import GSAConfig
 from gsa_core.errors import ConfigError
-from gsa_eval.models import DEFAULT_CHUNK, Generate, cache_bytes, check_specs, greedy, load_model, model_spec
+from gsa_eval.models import DEFAULT_CHUNK, Generate, add_model_arguments, cache_bytes, check_specs, greedy, load_model
 from gsa_eval.passkey_task import MAX_KEY_DIGITS, PasskeyFormat, is_correct, wilson_interval
 
 SCHEMA = "gsa-eval-passkey/1"
@@ -58,10 +58,8 @@ def _generator(model: Any, chunk: int, memory: dict[str, int]) -> Generate:
 def _check(args: argparse.Namespace) -> None:
     if not args.models:
         raise ConfigError("name at least one MODEL (LABEL=PATH or PATH) to evaluate")
-    if not 1 <= args.trials <= MAX_TRIALS:
-        raise ConfigError(f"--trials must be 1..{MAX_TRIALS:,}, got {args.trials}")
-    if not 1 <= args.key_digits <= MAX_KEY_DIGITS:
-        raise ConfigError(f"--key-digits must be 1..{MAX_KEY_DIGITS}, got {args.key_digits}")
+    check_range("--trials", args.trials, 1, MAX_TRIALS)
+    check_range("--key-digits", args.key_digits, 1, MAX_KEY_DIGITS)
     if max(args.lengths) > MAX_LENGTH:
         raise ConfigError(f"--lengths: at most {MAX_LENGTH:,} tokens, got {max(args.lengths):,}")
     if args.chunk < 1:
@@ -174,8 +172,7 @@ def plot(report: dict[str, Any]) -> Any:
 
 
 def options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="*", type=model_spec, metavar="MODEL",
-                        help="LABEL=PATH or PATH: folders saved by gsa train or gsa convert")
+    add_model_arguments(parser)
     parser.add_argument("--lengths", type=parse_sizes, default=parse_sizes("1k,2k,4k,8k,16k"),
                         help="tokens per prompt + answer, e.g. 256,512 or 1k,2k (default 1k,2k,4k,8k,16k)")
     parser.add_argument("--depths", type=fraction_list, default=[0.1, 0.5, 0.9],

@@ -18,6 +18,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from gsa_common import check_range
+
 from gsa_core.errors import ConfigError
 from gsa_eval.passkey_task import MAX_KEY_DIGITS, PasskeyFormat, random_key
 
@@ -106,12 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gsa_data.files import check_destination
 
-    if not 1 <= args.key_digits <= MAX_KEY_DIGITS:
-        raise ConfigError(f"--key-digits must be 1..{MAX_KEY_DIGITS}, got {args.key_digits}")
-    if not 1 <= args.examples <= MAX_EXAMPLES:
-        raise ConfigError(f"--examples must be 1..{MAX_EXAMPLES:,}, got {args.examples}")
-    if not 1 <= args.questions <= MAX_QUESTIONS:
-        raise ConfigError(f"--questions must be 1..{MAX_QUESTIONS}, got {args.questions}")
+    check_range("--key-digits", args.key_digits, 1, MAX_KEY_DIGITS)
+    check_range("--examples", args.examples, 1, MAX_EXAMPLES)
+    check_range("--questions", args.questions, 1, MAX_QUESTIONS)
     if args.context < 2:
         raise ConfigError(f"--context must be at least 2 tokens, got {args.context}")
     if args.vocab_size < 259:

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from gsa_bench.args import parse_sizes
 from gsa_bench.scaffold import Benchmark, Run, log, pyplot
+from gsa_common import check_range
 
 from gsa_core.errors import ConfigError
-from gsa_eval.models import DEFAULT_CHUNK, cache_bytes, check_specs, load_model, model_spec, new_cache, stream
+from gsa_eval.models import DEFAULT_CHUNK, add_model_arguments, cache_bytes, check_specs, load_model, new_cache, stream
 
 SCHEMA = "gsa-eval-ppl/1"
 MAX_WINDOWS = 10_000
@@ -87,8 +88,7 @@ def evaluate_context(model: Any, data: torch.Tensor, anchors: list[int], context
 def _check(args: argparse.Namespace) -> None:
     if not args.models:
         raise ConfigError("name at least one MODEL (LABEL=PATH or PATH) to evaluate")
-    if not 1 <= args.windows <= MAX_WINDOWS:
-        raise ConfigError(f"--windows must be 1..{MAX_WINDOWS:,}, got {args.windows}")
+    check_range("--windows", args.windows, 1, MAX_WINDOWS)
     if min(args.contexts) < 2:
         raise ConfigError(f"--contexts must be at least 2 tokens, got {min(args.contexts)}")
     if args.tail < 1 or args.chunk < 1:
@@ -172,8 +172,7 @@ def plot(report: dict[str, Any]) -> Any:
 
 
 def options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="*", type=model_spec, metavar="MODEL",
-                        help="LABEL=PATH or PATH: folders saved by gsa train or gsa convert")
+    add_model_arguments(parser)
     parser.add_argument("--contexts", type=parse_sizes, default=parse_sizes("512,2k,8k,16k"),
                         help="context lengths in tokens (default 512,2k,8k,16k)")
     parser.add_argument("--corpus", default="stdlib", help="corpus whose held-out documents are read (default stdlib)")
