@@ -9,6 +9,7 @@ lower-triangular factor whose diagonal is stored as a log.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -148,6 +149,44 @@ class SplatBank(nn.Module):
             mu_sq = (mu.square() * inv_var).sum(-1).unsqueeze(-2)
         return (x_sq - 2.0 * cross + mu_sq).clamp_min(0.0)
 
+    def feature_map(self, dtype: torch.dtype = torch.float32) -> FeatureMap:
+        """The bank's constants for :meth:`log_features` derived once, as a :class:`FeatureMap`.
+
+        Why: a backend calls the features of many blocks of q and k in one forward; this derives the
+        GEMM weights (scales, centres, normaliser, whitening factors) once per forward instead of once
+        per call, and evaluates the features as one matmul per block (see :class:`FeatureMap` for the
+        arithmetic and its rounding). Differentiable in the bank's parameters; build it again after
+        the parameters change (an optimizer step, a birth or death).
+        """
+        d = self.head_dim
+        mu = self.centers.to(dtype)
+        alive = self.alive
+        # the centre: mean of each head's alive centres (detached: the features do not depend on it)
+        w_alive = alive.to(dtype).unsqueeze(-1)
+        centre = ((mu.detach() * w_alive).sum(-2, keepdim=True) / w_alive.sum(-2, keepdim=True).clamp_min(1.0))
+        mu_c = mu - centre  # [H, K, d]
+        bias = self.slot_bias().to(dtype)  # [H, K]
+        if self.covariance == "full":
+            lower = self.scale_tril().to(dtype)
+            eye = torch.eye(d, device=mu.device, dtype=dtype).expand_as(lower)
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # [H, K, d, d], one batched solve
+            weight = inv.permute(0, 3, 1, 2).reshape(self.n_heads, d, self.capacity * d)  # [H, d, K·d]
+            white_mu = torch.einsum("hked,hkd->hke", inv, mu_c).reshape(self.n_heads, 1, self.capacity * d)
+            return FeatureMap("full", centre, weight, bias.masked_fill(~alive, float("-inf")).unsqueeze(-2), white_mu,
+                              alive)
+        inv_var = (-2.0 * _fp(self.log_scale).to(dtype)).exp()  # [H, K] or [H, K, d]
+        if self.covariance == "isotropic":
+            quad = (-0.5 * inv_var).unsqueeze(-2)  # [H, 1, K]: the |x|^2 row
+            lin = (mu_c * inv_var.unsqueeze(-1)).transpose(-1, -2)  # [H, d, K]
+            const = bias - 0.5 * mu_c.square().sum(-1) * inv_var
+        else:
+            quad = (-0.5 * inv_var).transpose(-1, -2)  # [H, d, K]: the x^2 rows
+            lin = (mu_c * inv_var).transpose(-1, -2)
+            const = bias - 0.5 * (mu_c.square() * inv_var).sum(-1)
+        weight = torch.cat((quad, lin), dim=-2)  # [H, (1 or d) + d, K]
+        bias = const.masked_fill(~alive, float("-inf")).unsqueeze(-2)  # [H, 1, K]: the constant row
+        return FeatureMap(self.covariance, centre, weight, bias, None, alive)
+
     # ----------------------------------------------------------------- in-place slot edits
     @torch.no_grad()
     def write_slots(
@@ -197,3 +236,57 @@ class SplatBank(nn.Module):
             f"n_heads={self.n_heads}, head_dim={self.head_dim}, capacity={self.capacity}, "
             f"covariance={self.covariance!r}, log_normalizer={self.log_normalizer}"
         )
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """A bank's log-feature map with its constants derived once (:meth:`SplatBank.feature_map`).
+
+    Isotropic and diagonal banks: with ``x~ = x - c`` (``c`` each head's mean alive centre) the
+    log-feature is one GEMM of the augmented vector ``[x~², x~, 1]`` (``[|x~|², x~, 1]`` for
+    isotropic) against a ``[2d+1 (d+2), K]`` matrix whose rows are ``-½/σ²``, ``μ~/σ²`` and
+    ``½ log a (+ normaliser) - ½ Σ μ~²/σ²``. The constant row is stored as ``bias [H, 1, K]`` and
+    enters as the GEMM's accumulator (``baddbmm``): an even-width ``2d`` GEMM plus that bias measured
+    faster than an odd-width ``2d+1`` one. Dead slots have bias ``-inf`` and finite weights, so
+    their features are ``-inf`` and no NaN reaches any gradient. Full covariances: one GEMM
+    ``y = x~ @ weight`` (``weight [H, d, K·d]`` the stacked ``L_s^{-1}``, from one batched triangular
+    solve) and ``l = bias - ½ ||y_s - L_s^{-1} μ~_s||²`` (the direct form: nothing cancels).
+
+    Rounding: the expanded form ``|x|² - 2x·μ + |μ|²`` cancels when ``x`` and ``μ`` are both far from
+    the origin but near each other (a large shared offset, common in real models' q/k); its error is
+    at most ``γ·½·Σ_i (|x_i| + |μ_i|)²/σ_i²`` (``γ ≈ (2d+1)·u``), against ``u·½·Σ (x_i - μ_i)²/σ_i²``
+    for the direct form. Centring on ``c`` replaces ``|x|, |μ|`` by ``|x - c|, |μ - c|``, so a shared
+    offset costs nothing; what remains is the spread of the centres around their mean, relative to
+    ``σ``. ``tests/test_kernel_fused_features.py`` checks this bound against a float64 direct form.
+    """
+
+    kind: str
+    centre: Tensor  # [H, 1, d], detached
+    weight: Tensor  # [H, 2d (d+1), K]; full: [H, d, K·d]
+    bias: Tensor  # [H, 1, K], -inf for dead slots
+    white_centers: Tensor | None  # full: [H, 1, K·d]
+    alive: Tensor  # [H, K] bool
+
+    def augment(self, x: Tensor) -> Tensor:
+        """``[x~², x~]`` (diagonal), ``[|x~|², x~]`` (isotropic) or ``x~`` (full), in the map's dtype."""
+        xc = x.to(self.weight.dtype) - self.centre
+        if self.kind == "full":
+            return xc
+        sq = xc.square() if self.kind == "diagonal" else xc.square().sum(-1, keepdim=True)
+        return torch.cat((sq, xc), dim=-1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``l_s(x)``: ``x [..., H, n, d]`` -> ``[..., H, n, K]``, equal to :meth:`SplatBank.log_features`
+        up to rounding (dead slots ``-inf``)."""
+        heads, dim = self.weight.shape[0], self.centre.shape[-1]
+        if x.shape[-1] != dim or x.shape[-3] != heads:
+            raise ValueError(f"expected inputs [..., {heads} heads, n, {dim}], got {tuple(x.shape)}")
+        xa = self.augment(x)
+        if self.kind == "full":
+            k = self.alive.shape[-1]
+            y = (xa @ self.weight - self.white_centers).unflatten(-1, (k, dim))
+            return self.bias - 0.5 * y.square().sum(-1)
+        if xa.dim() == 3 or xa.shape[:-3].numel() == 1:  # one GEMM with the constant row as accumulator
+            n = xa.shape[-2]
+            return torch.baddbmm(self.bias, xa.reshape(heads, n, -1), self.weight).view(*xa.shape[:-1], -1)
+        return torch.matmul(xa, self.weight) + self.bias
