@@ -9,6 +9,7 @@ import importlib
 #: ``gsa viz NAME``: (module, help), in the order ``gsa viz --help`` lists them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "splats": ("gsa_viz.splats", "a layer's splats as ellipses among its queries and keys (PCA plane)"),
+    "attention": ("gsa_viz.attention", "GSA's attention beside the original softmax: difference, KL per row"),
 }
 
 
