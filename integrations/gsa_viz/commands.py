@@ -10,6 +10,7 @@ import importlib
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "splats": ("gsa_viz.splats", "a layer's splats as ellipses among its queries and keys (PCA plane)"),
     "attention": ("gsa_viz.attention", "GSA's attention beside the original softmax: difference, KL per row"),
+    "coverage": ("gsa_viz.coverage", "share of held-out q/k inside some splat, per layer and head"),
 }
 
 
