@@ -239,7 +239,7 @@ def chunk_forward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk
         out[(xi // h)[keep], (xi % h)[keep], tok[keep]] = rows[keep]
         if lse is not None:
             lse[(xi // h)[keep], (xi % h)[keep], tok[keep]] = rows_lse[keep]
-    return ch.z_last.reshape(b, h, k), ch.m_last.reshape(b, h, k, dv)
+    return ch.z_last.reshape(b, h, k).clone(), ch.m_last.reshape(b, h, k, dv)  # clone: z_all is not kept
 
 
 # ----------------------------------------------------------------------------- backward
