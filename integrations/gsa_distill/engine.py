@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gsa_train.records import adaptation_point
 from torch import Tensor, nn
 
 from gsa_core.adaptation.update import apply_update
@@ -405,7 +406,8 @@ class Distiller:
                 self._update(step, params, optimizer, controller)
                 value = self.dp.sum(loss.detach()) / self.dp.world_size  # the global relative MSE
                 if step % self.s.log_every == 0 or step == steps - 1:
-                    history.append({"step": step, "rel_mse": value, **reg_values})
+                    history.append({"step": step, "rel_mse": value, **reg_values,
+                                    **adaptation_point(self.model, controller)})
                 bar.update(task, f"rel. MSE {value:.4f}")
                 if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
                     self._save_ckpt(1, step + 1, optimizer, controller, history)
@@ -490,7 +492,7 @@ class Distiller:
                 self._update(step, all_params, optimizer, controller)
                 value = self.dp.mean(loss.detach())
                 if step % self.s.log_every == 0 or step == steps - 1:
-                    history.append({"step": step, "loss": value})
+                    history.append({"step": step, "loss": value, **adaptation_point(self.model, controller)})
                 bar.update(task, f"{loss_name} {value:.5f}")
                 if (step + 1) % self.s.checkpoint_every == 0 or step + 1 == steps:
                     self._save_ckpt(2, step + 1, optimizer, controller, history)

@@ -42,6 +42,7 @@ from gsa_train.data import batch_rows, check_corpus, encode_blocks, load_texts
 from gsa_train.distributed import DataParallel
 from gsa_train.interrupt import DEFAULT_CHECKPOINT_EVERY, StopRequest
 from gsa_train.layouts import LAYOUTS, describe, gpt_neo_config, layout
+from gsa_train.records import adaptation_point
 
 #: GSA settings used when ``attention="gsa"`` and no config is given: global layers GSA with the exact
 #: linear-time kernel backend, local (sliding-window) layers exact softmax, k-means banks, adaptation on.
@@ -485,7 +486,7 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
             tokens_seen += s.batch_size * s.block_len
             if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
                 history.append({"step": step + 1, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
-                                "grad_norm": round(grad_norm, 4)})
+                                "grad_norm": round(grad_norm, 4), **adaptation_point(model, controller)})
                 losses = []
             if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
                 evals.append({"step": step + 1, **evaluate(model, heldout, s.batch_size, dp)})

@@ -11,6 +11,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "splats": ("gsa_viz.splats", "a layer's splats as ellipses among its queries and keys (PCA plane)"),
     "attention": ("gsa_viz.attention", "GSA's attention beside the original softmax: difference, KL per row"),
     "coverage": ("gsa_viz.coverage", "share of held-out q/k inside some splat, per layer and head"),
+    "adaptation": ("gsa_viz.adaptation", "a gsa train / gsa distill run: alive splats, births, deaths, loss and "
+                   "shift signal per step"),
 }
 
 
