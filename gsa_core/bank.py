@@ -267,26 +267,51 @@ class FeatureMap:
     white_centers: Tensor | None  # full: [H, 1, K·d]
     alive: Tensor  # [H, K] bool
 
-    def augment(self, x: Tensor) -> Tensor:
-        """``[x~², x~]`` (diagonal), ``[|x~|², x~]`` (isotropic) or ``x~`` (full), in the map's dtype."""
-        xc = x.to(self.weight.dtype) - self.centre
-        if self.kind == "full":
-            return xc
-        sq = xc.square() if self.kind == "diagonal" else xc.square().sum(-1, keepdim=True)
-        return torch.cat((sq, xc), dim=-1)
+    def augment(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[x~², x~]`` (diagonal), ``[|x~|², x~]`` (isotropic) or ``x~`` (full), in the map's dtype.
 
-    def __call__(self, x: Tensor) -> Tensor:
+        ``out``: a buffer of the result's shape to write into (reused across blocks: no allocation).
+        """
+        if out is None:
+            xc = x.to(self.weight.dtype) - self.centre
+            if self.kind == "full":
+                return xc
+            sq = xc.square() if self.kind == "diagonal" else xc.square().sum(-1, keepdim=True)
+            return torch.cat((sq, xc), dim=-1)
+        d = self.centre.shape[-1]
+        if self.kind == "full":
+            return torch.sub(x, self.centre, out=out)
+        xc = torch.sub(x, self.centre, out=out[..., -d:])
+        if self.kind == "diagonal":
+            torch.mul(xc, xc, out=out[..., :d])
+        else:
+            torch.sum(xc.square(), -1, keepdim=True, out=out[..., :1])  # the same bits as without ``out``
+        return out
+
+    def width(self) -> int:
+        """Columns of :meth:`augment`'s result: ``2d`` (diagonal), ``d + 1`` (isotropic), ``d`` (full)."""
+        return self.weight.shape[-2]
+
+    def __call__(self, x: Tensor, *, buffers: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``l_s(x)``: ``x [..., H, n, d]`` -> ``[..., H, n, K]``, equal to :meth:`SplatBank.log_features`
-        up to rounding (dead slots ``-inf``)."""
+        up to rounding (dead slots ``-inf``).
+
+        ``buffers = (augmented [..., H, n, width()], features [..., H, n, K])``: write into these instead of
+        allocating (isotropic and diagonal kinds, without autograd); the result is the second buffer.
+        """
         heads, dim = self.weight.shape[0], self.centre.shape[-1]
         if x.shape[-1] != dim or x.shape[-3] != heads:
             raise ValueError(f"expected inputs [..., {heads} heads, n, {dim}], got {tuple(x.shape)}")
-        xa = self.augment(x)
         if self.kind == "full":
             k = self.alive.shape[-1]
-            y = (xa @ self.weight - self.white_centers).unflatten(-1, (k, dim))
+            y = (self.augment(x) @ self.weight - self.white_centers).unflatten(-1, (k, dim))
             return self.bias - 0.5 * y.square().sum(-1)
+        xa = self.augment(x, None if buffers is None else buffers[0])
         if xa.dim() == 3 or xa.shape[:-3].numel() == 1:  # one GEMM with the constant row as accumulator
             n = xa.shape[-2]
-            return torch.baddbmm(self.bias, xa.reshape(heads, n, -1), self.weight).view(*xa.shape[:-1], -1)
-        return torch.matmul(xa, self.weight) + self.bias
+            out = None if buffers is None else buffers[1].view(heads, n, -1)
+            res = torch.baddbmm(self.bias, xa.reshape(heads, n, -1), self.weight, out=out)
+            return res.view(*xa.shape[:-1], -1)
+        if buffers is None:
+            return torch.matmul(xa, self.weight) + self.bias
+        return torch.matmul(xa, self.weight, out=buffers[1]).add_(self.bias)

@@ -69,8 +69,9 @@ def check_finite(**tensors: Tensor | None) -> None:
         return
     if len(present) > 1 and sum(t.numel() for _, t in present) <= _SMALL_CHECK:
         ok = bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in present])).all())
-    else:
-        ok = all(bool(torch.isfinite(t).all()) for _, t in present)
+    else:  # a finite sum proves every element finite (NaN and ±inf propagate through +): one cheap pass;
+        # only a sum that overflows (or a real NaN/Inf) takes the exact isfinite pass (~10x slower on CPU)
+        ok = all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for _, t in present)
     if ok:
         return
     for name, t in present:

@@ -152,7 +152,9 @@ def test_dominated_rows_get_exact_gradients() -> None:
         results.append([out.detach(), *(t.grad for t in leaves), *(p.grad.clone() for p in bank.parameters())])
     for a, b in zip(*results, strict=True):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # gradients here are tiny: absolute floor
+        # |x| ~ 30 with σ = 1: features ~ -450, whose fp32 rounding (~16·u·|l| ≈ 5e-4) is a relative error of the
+        # weights; gradients here are tiny, hence the absolute floor
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
 def _saved_bytes(n: int, heads: int = 2, dim: int = 16, capacity: int = 32) -> int:

@@ -38,6 +38,7 @@ def _bank(kind: str, heads: int, dim: int, capacity: int, seed: int, *, offset: 
     return bank
 
 
+@torch.no_grad()
 def _direct_and_bound(bank: SplatBank, x: Tensor) -> tuple[Tensor, Tensor]:
     """The float64 direct form ``½ log a - ½ ||L⁻¹(x - μ)||²`` and the fp32 error bound of the fused form.
 
@@ -143,3 +144,34 @@ def test_bad_shape_is_one_clear_error() -> None:
     fmap = _bank("diagonal", 2, 4, 3, 0).feature_map()
     with pytest.raises(ValueError, match="2 heads, n, 4"):
         fmap(torch.zeros(1, 3, 5, 4))
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "diagonal"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_buffers_give_the_same_bits(kind: str, batch: int) -> None:
+    """The allocation-free form (reused buffers, no autograd) computes the same values, bit for bit, as the
+    differentiable form the backward recomputes (so the saved log-normalisers match the recomputed features)."""
+    bank = _bank(kind, 3, 8, 10, 5, dead=0.3)
+    fmap = bank.feature_map()
+    x = torch.randn(batch, 3, 17, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = fmap(x)
+        buffers = (torch.full((batch, 3, 17, fmap.width()), float("nan")), torch.full((batch, 3, 17, 10), float("nan")))
+        got = fmap(x, buffers=buffers)
+    assert got.data_ptr() == buffers[1].data_ptr()
+    assert torch.equal(got, want)
+
+
+def test_input_check_is_exact_on_its_fast_path() -> None:
+    """``check_finite`` proves finiteness by one sum: finite values whose sum overflows still pass (exact pass),
+    and a single NaN or ±inf anywhere in a large tensor is still named."""
+    from gsa_core.errors import NonFiniteInputError
+    from gsa_core.numerics import check_finite
+
+    huge = torch.full((200, 200), 3e38)  # the sum overflows to inf; every value is finite
+    check_finite(q=huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.zeros(200, 200)
+        x[123, 45] = bad
+        with pytest.raises(NonFiniteInputError, match=r"\[123, 45\]"):
+            check_finite(q=huge, k=x)

@@ -110,11 +110,22 @@ def _pad(x: Tensor, length: int, value: float) -> Tensor:
     return x if extra == 0 else F.pad(x, (0, 0, 0, extra), value=value)
 
 
-def block_features(fmap: FeatureMap, q: Tensor, k: Tensor, key_padding: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Log-features of one block's queries and keys (padded keys ``-inf``: masked features, not values)."""
-    lq, lk = fmap(q), fmap(k)
+def block_features(fmap: FeatureMap, q: Tensor, k: Tensor, key_padding: Tensor | None,
+                   ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """Log-features of one block's queries and keys (padded keys ``-inf``: masked features, not values).
+
+    With a workspace (no autograd): written into reused buffers, valid until the next block.
+    """
+    if ws is None or fmap.kind == "full":
+        lq, lk = fmap(q), fmap(k)
+    else:
+        rows, k_slots = q.shape[:-1], fmap.alive.shape[-1]
+        xa = ws.get("xa", (*rows, fmap.width()), fmap.weight)
+        lq = fmap(q, buffers=(xa, ws.get("lq", (*rows, k_slots), fmap.weight)))
+        lk = fmap(k, buffers=(xa, ws.get("lk", (*rows, k_slots), fmap.weight)))
     if key_padding is not None:
-        lk = lk.masked_fill(~key_padding[:, None, :, None].to(lk.device), NEG_INF)
+        pad = ~key_padding[:, None, :, None].to(lk.device)
+        lk = lk.masked_fill(pad, NEG_INF) if ws is None else lk.masked_fill_(pad, NEG_INF)
     return lq, lk
 
 
@@ -380,7 +391,7 @@ def causal_blocks(plan: Plan, fmap: FeatureMap, q: Tensor, k: Tensor, v: Tensor,
             sl = slice(start, min(n, start + step))
             starts.append((z, M))
             kp = None if plan.key_padding is None else plan.key_padding[:, sl]
-            lq, lk = block_features(fmap, q[..., sl, :], k[..., sl, :], kp)
+            lq, lk = block_features(fmap, q[..., sl, :], k[..., sl, :], kp, ws)
             vb = v[..., sl, :].to(dtype)
             length = lq.shape[-2]
             padded = -(-length // c) * c
