@@ -58,7 +58,7 @@ def build(root: Path, *, heads: int = 4) -> dict[str, Path]:
     return folders
 
 
-_BUILT: dict[int, dict[str, Path]] = {}
+_BUILT: dict[int | str, dict[str, Path]] = {}
 
 
 def models(tmp_path_factory, *, heads: int = 4) -> dict[str, Path]:
@@ -66,6 +66,24 @@ def models(tmp_path_factory, *, heads: int = 4) -> dict[str, Path]:
     if heads not in _BUILT:
         _BUILT[heads] = build(tmp_path_factory.mktemp(f"viz_models_{heads}"), heads=heads)
     return _BUILT[heads]
+
+
+def distilled(tmp_path_factory) -> Path:
+    """A ``gsa distill`` run folder (tiny BERT, both stages adapting; ``distill.json`` and ``model/``), built once
+    per test process."""
+    if "distilled" not in _BUILT:
+        from _distill_models import settings, tiny_bert_folder
+        from gsa_distill import distill
+
+        src = tiny_bert_folder(tmp_path_factory.mktemp("bert"))
+        out = tmp_path_factory.mktemp("runs") / "distilled"
+        gsa = {"bank": {"n_splats": 4}, "backend": "auto",
+               "adaptation": {"enabled": True, "window": 2,
+                              "scheduler": {"name": "interval", "params": {"start": 1, "every": 2}},
+                              "death": {"name": "low-mass", "params": {"relative_threshold": 0.9}}, "birth": "clone"}}
+        distill(settings(src, out, stage2="lora", stage2_steps=2, log_every=1, gsa=gsa), log=lambda m: None)
+        _BUILT["distilled"] = {"run": out}
+    return _BUILT["distilled"]["run"]
 
 
 def read_png(path: Path):

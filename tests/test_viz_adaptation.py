@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from _distill_models import settings, tiny_bert_folder
 from _train_corpus import MICRO, write_corpus
-from _viz_models import one_error_line, read_png
+from _viz_models import distilled, one_error_line, read_png
 from gsa_cli.main import main
 from gsa_train.loop import load_trained, train
 from gsa_viz.adaptation import GID_ALIVE, GID_BIRTHS, GID_DEATHS, GID_SHIFT, adaptation_figure, read_run
@@ -39,16 +38,7 @@ def train_run(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory):
-    src = tiny_bert_folder(tmp_path_factory.mktemp("bert"))
-    out = tmp_path_factory.mktemp("runs") / "distilled"
-    from gsa_distill import distill
-
-    gsa = {"bank": {"n_splats": 4}, "backend": "auto",
-           "adaptation": {"enabled": True, "window": 2, "scheduler": {"name": "interval", "params": {"start": 1,
-                                                                                                    "every": 2}},
-                          "death": {"name": "low-mass", "params": {"relative_threshold": 0.9}}, "birth": "clone"}}
-    distill(settings(src, out, stage2="lora", stage2_steps=2, log_every=1, gsa=gsa), log=lambda m: None)
-    return out
+    return distilled(tmp_path_factory)
 
 
 def test_train_records_alive_splats_and_the_shift_statistic_per_logged_step(train_run):
