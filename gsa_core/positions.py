@@ -73,4 +73,22 @@ def check_table(table: Tensor, n_positions: int) -> int:
     return rows
 
 
-__all__ = ["EXTEND_HINT", "PositionLimitError", "check_positions", "check_table", "registered_strategies"]
+def keeps_trained_rows(strategy: str) -> bool:
+    """Whether the registered strategy ``strategy`` leaves the rows it extends from unchanged (``tile``, ``none``;
+    not ``interpolate``, which moves every position into the stretched range): probed on a small random table,
+    so a plugin's strategy is judged by what it does. Filling rows that were never trained needs this; extending
+    a table for a longer context does not."""
+    import torch
+
+    from gsa_core.registry import get_registry
+
+    table = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        out = get_registry().build("positions", strategy).extend(table, 8)
+    except PositionLimitError:  # 'none': no rows added, the trained ones kept
+        return True
+    return bool(torch.equal(out[:4], table))
+
+
+__all__ = ["EXTEND_HINT", "PositionLimitError", "check_positions", "check_table", "keeps_trained_rows",
+           "registered_strategies"]

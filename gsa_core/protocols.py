@@ -309,7 +309,8 @@ class GenerationCache(Protocol):
 class RecallPolicy(Protocol):
     """Chooses which keys a layer's recall cache keeps exact beside its state (``gsa_core.recall``).
 
-    ``budget``: exact keys kept per head; ``block``: tokens between two selections; ``uses_readout``:
+    ``budget``: exact keys kept per head; ``block``: tokens between two selections; ``awaiting``: how queries
+    score the keys awaiting a selection (``"exact"`` logit or ``"gsa"`` weight); ``uses_readout``:
     whether :meth:`score` reads ``candidates.readout`` (the state's readout of each candidate key, which
     the layer computes only when asked). ``score(candidates) -> [B, H, m]``: higher stays exact; the layer
     keeps the ``budget`` best valid candidates of each head and absorbs the rest into the state.
@@ -322,6 +323,7 @@ class RecallPolicy(Protocol):
 
     budget: int
     block: int
+    awaiting: str
     uses_readout: bool
 
     def score(self, candidates: RecallCandidates) -> Tensor: ...

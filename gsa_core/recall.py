@@ -12,7 +12,9 @@ The semantics, computed by ``gsa_plugins.adapters.recall_cache`` (docs/recall-an
   moment it is made, so the selection is causal and any chunking of a prefill gives the same choices;
 - a query's attention is one softmax over its exact window (hybrid layers), the cached keys (the exact
   logit ``q·k`` in GSA space, i.e. the host's ``scaling·q·k``), the keys still awaiting a selection
-  (their GSA weight) and the state (its ``readout``, merged by its ``lse``).
+  (``awaiting = "exact"``, the default: their exact logit too, so the awaiting keys act as LoLA's sliding
+  window at no extra memory, since they are kept anyway; ``"gsa"``: their GSA weight) and the state (its
+  ``readout``, merged by its ``lse``).
 
 Torch only; knows no model family.
 """
@@ -20,7 +22,7 @@ Torch only; knows no model family.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,6 +46,11 @@ class RecallParams(StrategyParams):
     budget: int = Field(64, ge=1, le=MAX_RECALL_BUDGET, description="exact keys kept per head (B)")
     block: int = Field(64, ge=1, le=MAX_RECALL_BUDGET,
                        description="tokens between two selections (candidates wait at most this long)")
+    awaiting: Literal["exact", "gsa"] = Field(
+        "exact", description="how a query scores the keys awaiting the next selection: 'exact' (their exact logit, "
+                             "as LoLA's sliding window; they are kept anyway, so no extra memory) or 'gsa' (their "
+                             "GSA weight: a key between two selections is then not recalled exactly)",
+    )
 
 
 # ----------------------------------------------------------------------------- what is kept

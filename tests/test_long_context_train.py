@@ -54,7 +54,9 @@ def test_resume_from_continues_a_converted_model_at_a_longer_context(tmp_path, c
                     "block_len": 256, "steps": 3, "batch_size": 2, "eval_blocks": 2})
     after = load_converted(tmp_path / "ctx")
     assert position_limit(after) == 256 and prefill_chunk(after) == 64
-    assert after.config.gsa["long_context"] == before.config.gsa["long_context"]  # the extension record travels
+    # the extension record travels, and rows up to the new context count as trained (a later extension keeps them)
+    assert before.config.gsa["long_context"]["trained_positions"] == 64
+    assert after.config.gsa["long_context"] == {**before.config.gsa["long_context"], "trained_positions": 256}
     assert result.metrics["settings"]["attention"] == "gsa"
     assert result.metrics["layout"]["max_position_embeddings"] == 256
     assert result.metrics["calibration"] is None  # the saved banks are continued, not re-initialised
@@ -85,3 +87,41 @@ def test_the_cli_takes_context_and_resume_from(tmp_path, corpus, trained, capsys
         err = capsys.readouterr().err
         assert status == 2 and message in err and "Traceback" not in err, (extra, err)
         assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("strategy", ["tile", "none"])
+def test_training_from_scratch_remakes_the_position_rows_it_never_trained(tmp_path, corpus, strategy):
+    """Rows of 16 tokens train only the first 16 of the micro layout's 64 positions; the other 48 would keep their
+    random initialisation and be read silently by a longer input. The saved table is rebuilt from the trained rows
+    by ``positions`` (or cut to them), and a converted model records how many rows were trained."""
+    from gsa_train.loop import load_trained
+
+    from gsa_core.registry import get_registry
+
+    result = train({**MICRO, "out": tmp_path / strategy, "corpus": str(corpus), "attention": "gsa",
+                    "gsa": {"bank": {"n_splats": 4}, "backend": "kernel"}, "block_len": 16, "positions": strategy,
+                    "steps": 2, "eval_blocks": 2, "calibration_tokens": 64})
+    model = load_trained(tmp_path / strategy)
+    table = model.transformer.wpe.weight.detach()
+    rows = 16 if strategy == "none" else 64
+    assert result.metrics["positions"] == {"trained": 16, "strategy": strategy, "table": rows}
+    assert tuple(table.shape) == (rows, 32) and position_limit(model) == rows
+    if strategy != "none":
+        # the trained rows stay as trained; the rest is exactly the strategy applied to them
+        expected = get_registry().build("positions", strategy).extend(table[:16], 64)
+        assert torch.equal(table, expected)
+        assert model.config.gsa["long_context"]["trained_positions"] == 16
+        extend_positions(model, 128, "interpolate")  # a later extension starts from the 16 trained rows
+        assert torch.equal(model.transformer.wpe.weight.detach(),
+                           get_registry().build("positions", "interpolate").extend(table[:16], 128))
+
+
+@pytest.mark.parametrize(("name", "message"), [("tilee", "Did you mean 'tile'"),
+                                             ("interpolate", "keeps the trained rows: none, tile")])
+def test_a_positions_strategy_that_cannot_fill_untrained_rows_is_one_message(tmp_path, corpus, capsys, name, message):
+    """An unknown name, or one that would move the trained rows (interpolate stretches every position)."""
+    status = main(["train", "--corpus", str(corpus), "--layout", "micro", "--out", str(tmp_path / "bad"),
+                   "--positions", name, "--steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -25,9 +25,10 @@ TOL64 = 1e-10
 
 def recall_layer(policy: str = "self-recall", *, budget: int = 3, block: int = 4, mode: str = "gsa",
                  window: int | None = None, splats: int = 6, heads: int = 2, dim: int = 4, seed: int = 0,
-                 dtype: torch.dtype = torch.float64, scaling: float = 1.0) -> GSALayer:
+                 dtype: torch.dtype = torch.float64, scaling: float = 1.0, awaiting: str = "exact") -> GSALayer:
     cfg = GSAConfig.from_dict({"backend": "kernel", "bank": {"n_splats": splats},
-                               "recall": {"name": policy, "params": {"budget": budget, "block": block}}})
+                               "recall": {"name": policy,
+                                          "params": {"budget": budget, "block": block, "awaiting": awaiting}}})
     torch.manual_seed(seed)
     layer = GSALayer(heads, dim, cfg, mode=mode, hybrid_window=window, layer=0, scaling=scaling)
     spec = BankSpec(n_heads=heads, head_dim=dim, capacity=splats, covariance="diagonal", seed=seed)
@@ -95,12 +96,14 @@ def test_self_recall_scores_the_value_the_state_gives_back():
 @settings(max_examples=20, deadline=None)
 @given(policy=st.sampled_from(POLICIES), budget=st.integers(1, 4), block=st.integers(1, 6),
        window=st.sampled_from([0, 1, 3, 6]), n=st.integers(0, 22), seed=st.integers(0, 2**16),
-       pad=st.booleans())
-def test_forward_equals_the_naive_definition(policy, budget, block, window, n, seed, pad):
-    """Exact window + cached keys by their exact logit, the rest by GSA weight, one softmax; selections every
-    ``block`` tokens; no key counted twice (the reference keeps explicit sets of key indices)."""
+       pad=st.booleans(), awaiting=st.sampled_from(["exact", "gsa"]))
+def test_forward_equals_the_naive_definition(policy, budget, block, window, n, seed, pad, awaiting):
+    """Exact window + cached keys (+ awaiting keys when ``awaiting = "exact"``) by their exact logit, the rest by
+    GSA weight, one softmax; selections every ``block`` tokens; no key counted twice (the reference keeps
+    explicit sets of key indices)."""
     mode = "hybrid" if window else "gsa"
-    layer = recall_layer(policy, budget=budget, block=block, mode=mode, window=window or None, seed=seed)
+    layer = recall_layer(policy, budget=budget, block=block, mode=mode, window=window or None, seed=seed,
+                         awaiting=awaiting)
     q, k, v = qkv(2, 2, n, 4, seed)
     valid = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) < (0.7 if pad else 1.0)
     out = layer(q, k, v, MaskSpec(causal=True, key_padding=valid))
@@ -120,11 +123,12 @@ def test_host_space_decoding_equals_the_gsa_space_definition():
 
 @settings(max_examples=20, deadline=None)
 @given(policy=st.sampled_from(POLICIES), window=st.sampled_from([0, 2, 5]), block=st.integers(1, 5),
-       cuts=st.lists(st.integers(0, 27), max_size=4), seed=st.integers(0, 2**16))
-def test_any_split_equals_one_forward(policy, window, block, cuts, seed):
+       cuts=st.lists(st.integers(0, 27), max_size=4), seed=st.integers(0, 2**16),
+       awaiting=st.sampled_from(["exact", "gsa"]))
+def test_any_split_equals_one_forward(policy, window, block, cuts, seed, awaiting):
     """prefill(n) + decode(m) == forward(n + m), any chunking; the selections and the state are bit-identical."""
     layer = recall_layer(policy, budget=3, block=block, mode="hybrid" if window else "gsa", window=window or None,
-                         seed=seed, dtype=torch.float32)
+                         seed=seed, dtype=torch.float32, awaiting=awaiting)
     q, k, v = qkv(2, 2, 27, 4, seed, torch.float32)
     valid = torch.ones(2, 27, dtype=torch.bool)
     valid[0, :4] = False  # a left-padded row
@@ -221,6 +225,31 @@ def test_the_cache_recalls_a_key_the_state_cannot():
         results[budget] = float(out.detach()[0, 0, -1, 1])  # the needle's coordinate in the last output
     assert results[None] < 2.0 / n  # the rank-1 state: about the needle's share of the keys (1/64)
     assert results[2] > 0.99  # exact logit 9 for the needle vs 0 for the haystack keys: e^9/(e^9 + 63)
+
+
+def test_exact_awaiting_keys_recall_a_needle_in_the_newest_block():
+    """A needle after the last selection is not yet a candidate: with ``awaiting = "gsa"`` a gsa-mode layer (no
+    window) scores it by the rank-1 state's weight like the haystack; ``"exact"`` scores it by its exact logit."""
+    n, heads, dim, needle, block = 64, 1, 4, 60, 8  # the last selection was after token 55: 60 awaits
+    k = torch.zeros(1, heads, n, dim, dtype=torch.float64)
+    k[..., :, 0] = 1.0
+    k[..., needle, :] = torch.tensor([0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    v = torch.zeros(1, heads, n, 2, dtype=torch.float64)
+    v[..., :, 0] = 1.0
+    v[..., needle, :] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    q = k.clone()
+    q[..., -1, :] = k[..., needle, :]
+    got = {}
+    for awaiting in ("gsa", "exact"):
+        cfg = {"backend": "kernel", "bank": {"n_splats": 1, "covariance": "isotropic"},
+               "recall": {"name": "self-recall", "params": {"budget": 2, "block": block, "awaiting": awaiting}}}
+        layer = GSALayer(heads, dim, GSAConfig.from_dict(cfg), mode="gsa", layer=0).double()
+        with torch.no_grad():
+            layer.bank.centers.zero_()
+            layer.bank.shape_params().fill_(2.0)
+        got[awaiting] = float(layer(q, k, v, MaskSpec(causal=True)).detach()[0, 0, -1, 1])
+    assert got["gsa"] < 2.0 / n  # one wide splat: the needle weighs about as much as every other key (1/64)
+    assert got["exact"] > 0.99  # exact logit 9 against about 0 for the 63 others: e^9 / (e^9 + 63) = 0.992
 
 
 def test_gradients_flow_through_cached_keys_and_state():

@@ -106,13 +106,15 @@ def reference_recall_attention(q: Tensor, k: Tensor, v: Tensor, bank: SplatBank,
     ``valid [B, n]`` (real tokens) -> ``[B, H, n, d_v]``.
 
     Query ``t`` takes one softmax over the real keys ``j <= t``: the exact logit ``q_t·k_j`` for its window
-    (``t - window < j``) and the keys its head caches, the GSA log-weight for the rest. After every
+    (``t - window < j``), the keys its head caches and (``policy.awaiting == "exact"``) the keys not yet
+    candidates of a selection, the GSA log-weight for the rest. After every
     ``block``-th token ``T``, the undecided keys ``j <= T - max(window, 1)`` join each head's cache as
     candidates (cached first, then by position); the policy scores them (the readout is dense GSA over the
     head's absorbed keys); the ``budget`` best stay (valid first, higher score, then candidate order), the
     others are absorbed.
     """
     bank = copy.deepcopy(bank).double()
+    exact_awaiting = policy.awaiting == "exact"
     q, k, v = q.double(), k.double(), v.double()
     batch, heads, n, _ = q.shape
     valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
@@ -128,7 +130,7 @@ def reference_recall_attention(q: Tensor, k: Tensor, v: Tensor, bank: SplatBank,
                 keys = [j for j in range(t + 1) if valid[b, j]]
                 if not keys:
                     continue
-                use_exact = [(t - window < j) or (j in cached[h]) for j in keys]
+                use_exact = [(t - window < j) or (j in cached[h]) or (exact_awaiting and j >= decided) for j in keys]
                 scores = torch.stack([exact[b, h, t, j] if e else logw[b, h, t, j] for j, e in zip(keys, use_exact,
                                                                                                    strict=True)])
                 out[b, h, t] = torch.softmax(scores, dim=0) @ v[b, h, keys]

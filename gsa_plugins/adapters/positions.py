@@ -11,6 +11,7 @@ extension in its GSA config (``long_context.positions``, ``long_context.trained_
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from gsa_core.config import GSAConfig
 from gsa_core.errors import ConfigError
-from gsa_core.positions import check_positions
+from gsa_core.positions import PositionLimitError, check_positions, keeps_trained_rows
 from gsa_core.registry import get_registry
 from gsa_plugins.adapters.base import PositionTable, UnsupportedModelError, adapter_for, describe_model, is_converted
 
@@ -84,23 +85,83 @@ def extend_positions(model: nn.Module, max_positions: int, strategy: str = "inte
         raise ConfigError(f"--max-positions must be an integer of at least the model's {rows} positions, got "
                           f"{max_positions!r} (shrinking a table is not an extension)")
     old = table.module
+    base = old.weight.detach()
+    trained = trained_positions(model)
+    if trained is not None and trained < rows < max_positions:  # rows past the trained ones are derived: redo them
+        base = base[:trained]
     with torch.no_grad():
-        weight = extension.extend(old.weight.detach(), max_positions)
+        weight = extension.extend(base, max_positions)
     if tuple(weight.shape) != (max_positions, old.embedding_dim):
         raise TypeError(f"positions strategy {strategy!r} returned a table of shape {tuple(weight.shape)}; expected "
                         f"({max_positions}, {old.embedding_dim})")
-    new = nn.Embedding(max_positions, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
+    _swap_table(model, table, weight)
+    if is_converted(model):
+        _record(model, strategy, registry.validate_params("positions", strategy, params).model_dump(mode="json"), rows)
+    return model
+
+
+def trained_positions(model: nn.Module) -> int | None:
+    """The rows of a converted model's position table that were trained, when its GSA config records an
+    extension (None: not recorded, every row counts as trained)."""
+    data = getattr(getattr(model, "config", None), "gsa", None)
+    long_context = data.get("long_context") if isinstance(data, Mapping) else None
+    value = long_context.get("trained_positions") if isinstance(long_context, Mapping) else None
+    return value if isinstance(value, int) else None
+
+
+def record_training_context(model: nn.Module, context: int) -> None:
+    """A converted model with a recorded extension was trained on rows of ``context`` tokens: its first
+    ``context`` rows are trained now (a later extension keeps them)."""
+    trained = trained_positions(model)
+    if trained is None or context <= trained:
+        return
+    cfg = GSAConfig.from_model_config(model.config)
+    data = cfg.to_dict()
+    data["long_context"]["trained_positions"] = min(context, position_limit(model) or context)
+    model.config.gsa = GSAConfig.from_dict(data, source="the trained model's GSA config").to_dict()
+
+
+def keep_trained_positions(model: nn.Module, trained: int, strategy: str = "tile",
+                           params: Mapping[str, Any] | None = None) -> int | None:
+    """After training on rows of ``trained`` tokens: remake the table's rows past them from the trained ones.
+
+    Why: those rows never received a gradient (they keep their random initialisation), and an input longer
+    than the training rows would read them silently. ``strategy`` (a registered ``positions`` name that keeps
+    the trained rows, :func:`gsa_core.positions.keeps_trained_rows`) rebuilds them from the trained rows, the
+    table keeping its size (``tile``: copies, as Longformer did); ``none`` cuts the table to the trained rows,
+    so a longer input gets the one limit error naming the strategies. A converted model records the extension
+    (``long_context.trained_positions``), so later extensions start from the trained rows. Returns the
+    table's rows afterwards (None: the model has no learned table; unchanged when ``trained`` covers it).
+    """
+    registry = get_registry()
+    registry.get("positions", strategy)  # an unknown name: a did-you-mean error, before anything changes
+    if not keeps_trained_rows(strategy):
+        raise ConfigError(f"positions {strategy!r} moves the trained rows; filling rows that were never trained "
+                          "needs a strategy that keeps them (tile) or none")
+    table = position_table(model)
+    if table is None or trained >= table.rows:
+        return None if table is None else table.rows
+    rows = table.rows
+    with torch.no_grad():
+        _swap_table(model, table, table.module.weight.detach()[:trained].clone())
+    with contextlib.suppress(PositionLimitError):  # 'none' (or a plugin's like it): no rows past the trained ones
+        extend_positions(model, rows, strategy, params)
+    return position_limit(model)
+
+
+def _swap_table(model: nn.Module, table: PositionTable, weight: Tensor) -> None:
+    """Put an embedding holding ``weight`` where ``table`` was, and resize what depends on its rows."""
+    old = table.module
+    rows = int(weight.shape[0])
+    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
                        dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
     new.weight.requires_grad_(old.weight.requires_grad)
     new.train(old.training)
     model.set_submodule(table.name, new)
-    setattr(model.config, table.config_field, max_positions)
-    adapter_for(model).positions_resized(model, max_positions)
-    if is_converted(model):
-        _record(model, strategy, registry.validate_params("positions", strategy, params).model_dump(mode="json"), rows)
-    return model
+    setattr(model.config, table.config_field, rows)
+    adapter_for(model).positions_resized(model, rows)
 
 
 def _record(model: nn.Module, strategy: str, params: dict[str, Any], rows: int) -> None:
@@ -114,6 +175,6 @@ def _record(model: nn.Module, strategy: str, params: dict[str, Any], rows: int) 
 
 
 __all__ = [
-    "check_input_positions", "extend_positions", "extension_note", "position_limit", "position_table",
-    "positions_needed",
+    "check_input_positions", "extend_positions", "extension_note", "keep_trained_positions", "position_limit",
+    "position_table", "positions_needed", "record_training_context", "trained_positions",
 ]

@@ -3,7 +3,8 @@
 Per row the layer's past is split four ways, disjoint (``gsa_core.recall`` states the semantics):
 
 - the exact window (hybrid layers: key ``j`` is exact for query ``t`` when ``t - window < j <= t``);
-- the keys awaiting a selection (left every future window since the last selection): their GSA weight;
+- the keys awaiting a selection (left every future window since the last selection): their exact logit
+  (``awaiting = "exact"``: with the window, LoLA's sliding window) or their GSA weight (``"gsa"``);
 - the recall set: at most ``budget`` keys per head, by their exact logit;
 - the state: everything else, through the backend's ``readout``.
 
@@ -154,8 +155,9 @@ def recall_extend(layer: GSALayer, q: Tensor, k: Tensor, v: Tensor, valid: Tenso
         q_gsa = qs * scale if scale != 1.0 else qs
         summary = merge_readouts(backend.readout(q_gsa, layer.bank, past.state), exact_readout(q_gsa, past.recall))
         padding = None if bool(kept_valid.all()) else kept_valid
+        exact_keys = keys.shape[-2] if policy.awaiting == "exact" else window  # every kept key, or the window
         outs.append(_hybrid(qs, keys, values, layer.bank, MaskSpec(causal=True, key_padding=padding), scaling=scaling,
-                            window=window, summary=summary))
+                            window=exact_keys, summary=summary))
         seen = past.recall.seen + step
         past = LayerPast(state=past.state, keys=keys, values=values, valid=kept_valid,
                          recall=dataclasses.replace(past.recall, seen=seen))

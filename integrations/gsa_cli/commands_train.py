@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume-from", type=Path, default=None, metavar="MODEL",
                         help="continue training a saved model (gsa train's or gsa convert's output; its layout, "
                              "attention and GSA config), e.g. at --context N after gsa convert --max-positions N")
+    parser.add_argument("--positions", default="tile", metavar="NAME",
+                        help="rows of the position table past --block-len never learn: at the end remake them as "
+                             "copies of the trained rows (tile, default) or cut the table to them (none)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -82,8 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return TrainSettings.build(
         **{k: v for k, v in chosen.items() if v is not None}, out=args.out, corpus=args.corpus, gsa=gsa,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, steps=args.steps, batch_size=args.batch_size,
-        block_len=block_len, resume_from=args.resume_from, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
+        block_len=block_len, resume_from=args.resume_from, positions=args.positions, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
         checkpoint_every=args.checkpoint_every, resume=args.resume, progress=False if args.no_progress else None,
     )

@@ -106,6 +106,11 @@ class TrainSettings(BaseModel):
                           "e.g. at a longer context (block_len) after gsa convert --max-positions; the layout, "
                           "attention and GSA config are the model's",
     )
+    positions: str = Field(
+        "tile", description="training from scratch with rows shorter than the layout's positions: the table's rows "
+                            "past block_len never learn, so at the end they are remade from the trained rows by this "
+                            "registered positions strategy, one that keeps the trained rows (tile), or cut off (none)",
+    )
     progress: bool | None = Field(None, description="rich progress bar (None: when stderr is a terminal)")
     stop_after: int | None = Field(None, ge=1, description="stop after this step (tests: simulate an interruption)")
 
@@ -113,6 +118,25 @@ class TrainSettings(BaseModel):
     @classmethod
     def _known_layout(cls, value: str) -> str:
         layout(value)
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _known_positions(cls, value: str) -> str:
+        from gsa_core.errors import UnknownComponentError
+        from gsa_core.positions import keeps_trained_rows, registered_strategies
+        from gsa_core.registry import get_registry
+
+        try:
+            get_registry().get("positions", value)
+        except UnknownComponentError as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+        if not keeps_trained_rows(value):
+            fits = [n for n in registered_strategies() if keeps_trained_rows(n)]
+            raise ValueError(f"positions {value!r} moves the trained positions (it rebuilds every row), so a model "
+                             f"trained from scratch would read its short inputs at other positions; for the rows past "
+                             f"block_len use one that keeps the trained rows: {', '.join(fits)} (extend a saved model "
+                             f"for a longer context with gsa convert --max-positions N --positions {value})")
         return value
 
     @field_validator("corpus")
@@ -527,6 +551,13 @@ def _train(s: TrainSettings, dp: DataParallel) -> TrainResult:
         "load_average": load_average(),
         "finished": utc_now(),
     }
+    from gsa_plugins.adapters.positions import keep_trained_positions, record_training_context
+
+    if s.resume_from is None:  # rows past block_len were never trained: remake them from the trained ones
+        metrics["positions"] = {"trained": s.block_len, "strategy": s.positions,
+                                "table": keep_trained_positions(model, s.block_len, s.positions)}
+    else:
+        record_training_context(model, s.block_len)
     if controller is not None:
         controller.remove_hooks()
     if dp.is_main:
