@@ -162,6 +162,7 @@ class _Chunks:
     zb: Tensor  # [x, nc, K] log-normaliser before each chunk
     mb: Tensor  # [x, nc, K, dv] normalised memory before each chunk
     e_past: Tensor  # [x, nc, K] e^{zb - c} <= 1
+    cs: Tensor  # [x, nc, K] c (0 where no key yet: then every factor carrying it is 0)
     e_feat: Tensor  # [x, nc, C, K] e^{lq + c - R} <= 1
     row: Tensor  # [x, nc, C, 1] R
     g: Tensor  # [x·nc, C, C] intra-chunk weights / e^R (causal)
@@ -207,7 +208,7 @@ def _chunks(lqc: Tensor, lkc: Tensor, vc: Tensor, z: Tensor, M: Tensor, ws: Work
     e3 = e_feat.sub_(row).exp_().view(x * nc, c, k)
     g = torch.bmm(e3, q3.transpose(1, 2), out=ws.get(tag + "g", (x * nc, c, c), lqc)).tril_()
     den = torch.mul(e3, e_past.view(x * nc, 1, k)).sum(-1, keepdim=True).add_(g.sum(-1, keepdim=True))
-    return _Chunks(mk, q_feat, zb, mb, e_past, e_feat, row, g, den, z_all[:, -1], m_last)
+    return _Chunks(mk, q_feat, zb, mb, e_past, cs_ref, e_feat, row, g, den, z_all[:, -1], m_last)
 
 
 @torch.no_grad()
@@ -311,20 +312,26 @@ def chunk_backward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chun
     dv_all = torch.bmm(p.transpose(1, 2), do3)  # [x·nc, C, dv]
     dlq = torch.bmm(a, q3).mul_(se)  # [x·nc, C, K]
     dlk = torch.bmm(a.transpose(1, 2), se).mul_(q3)
-    # every row's query weight e^{lq_ts - L_t}, stabilised per chunk and splat: W_ts e^{ref_s}
-    lse3 = lse.reshape(x * nc, c, 1)
-    lw = torch.where(torch.isfinite(lse3), lq.reshape(x * nc, c, k) - lse3, NEG_INF)
-    ref = torch.nan_to_num(lw.amax(dim=-2), neginf=0.0).view(x, nc, k)  # [x, nc, K]
-    w = lw.sub_(ref.view(x * nc, 1, k)).exp_()  # <= 1
-    # the past: e^{lq_ts + zb_s - L_t} (do_t·M_s - D_t), with e^{ref + zb} <= 1
-    past = w * (ref + ch.zb).exp().view(x * nc, 1, k)
+    # every row's query weight e^{lq_ts - L_t} = w_ts e^{ref_s}; without recomputed rows w = se, ref = -c
+    # (se <= e^{INTRA_MARGIN}); with them, w and ref from lq - L directly (w <= 1, ref + zb <= 0)
+    any_flag = bool(flag.any())
+    if any_flag:
+        lse3 = lse.reshape(x * nc, c, 1)
+        lw = torch.where(torch.isfinite(lse3), lq.reshape(x * nc, c, k) - lse3, NEG_INF)
+        ref = torch.nan_to_num(lw.amax(dim=-2), neginf=0.0).view(x * nc, k)
+        w = lw.sub_(ref.unsqueeze(-2)).exp_()
+        past = w * (ref.view(x, nc, k) + ch.zb).exp().view(x * nc, 1, k)
+    else:
+        w, ref = se, -ch.cs.view(x * nc, k)
+        past = se * ch.e_past.view(x * nc, 1, k)
+    # the past: e^{lq_ts + zb_s - L_t} (do_t·M_s - D_t)
     dlq.add_(torch.bmm(do3, ch.mb.view(x * nc, k, dv).transpose(1, 2)).sub_(d_row).mul_(past))
     # rows recomputed in log space: their intra-chunk part exactly
-    if bool(flag.any()):
+    if any_flag:
         xi, ci, ti = flag.view(x, nc, c).nonzero(as_tuple=True)
         flat = xi * nc + ci
         g_q, g_k, g_v = _exact_row_grads(lqc[xi, ci, ti], lkc[xi, ci], ti, vc.view(x, nc, c, dv)[xi, ci],
-                                         lse3.view(x, nc, c)[xi, ci, ti], do3.view(x, nc, c, dv)[xi, ci, ti],
+                                         lse.reshape(x, nc, c)[xi, ci, ti], do3.view(x, nc, c, dv)[xi, ci, ti],
                                          d_row.view(x, nc, c)[xi, ci, ti])
         dlq[flat, ti] += g_q
         dlk.index_put_((flat,), g_k, accumulate=True)
@@ -332,7 +339,7 @@ def chunk_backward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chun
     # each chunk's queries as a reverse-state entry: y = ref + log Σ_t W_ts, n = Σ_t W_ts [do_t, D_t] / Σ W
     sw = w.sum(-2)  # [x·nc, K]
     has = sw > 0
-    y_chunk = torch.where(has, ref.view(x * nc, k) + torch.log(torch.where(has, sw, torch.ones_like(sw))), NEG_INF)
+    y_chunk = torch.where(has, ref + torch.log(torch.where(has, sw, torch.ones_like(sw))), NEG_INF)
     dod = torch.cat((do3, d_row), dim=-1)  # [x·nc, C, dv + 1]
     n_chunk = torch.bmm(w.transpose(1, 2), dod).div_(torch.where(has, sw, torch.ones_like(sw)).unsqueeze(-1))
     y_chunk, n_chunk = y_chunk.view(x, nc, k), n_chunk.view(x, nc, k, dv + 1)
@@ -342,9 +349,9 @@ def chunk_backward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chun
     for i in range(nc - 1, -1, -1):
         y_after[:, i], n_after[:, i] = rev.y, rev.n
         rev = rev.merge(y_chunk[:, i], n_chunk[:, i])
-    # dlk_js += e^{lk_js + Y_s}(v_j·N_s - N^D_s), dv_j += Σ_s e^{lk_js + Y_s} N_s, with Q_js = e^{lk_js - mk_s}
-    scale = (ch.mk + y_after).exp_()  # <= n: mk + Y is bounded by log n (see the module docstring)
-    qk = torch.exp(lkc - torch.nan_to_num(ch.mk, neginf=0.0).unsqueeze(-2)).mul_(scale.unsqueeze(-2))
+    # dlk_js += e^{lk_js + Y_s}(v_j·N_s - N^D_s), dv_j += Σ_s e^{lk_js + Y_s} N_s, as (Q e^{mk - c}) e^{c + Y}:
+    # c + Y <= log(n + 1) (c is a key's or the past keys' log-feature, all seen by the later queries)
+    qk = ch.q_feat.mul_((ch.cs + y_after).exp_().unsqueeze(-2))
     qk3 = qk.view(x * nc, c, k)
     n3 = n_after.view(x * nc, k, dv + 1)
     dlk.addcmul_(qk3, torch.bmm(vc, n3[..., :dv].transpose(1, 2)).sub_(n3[..., dv].unsqueeze(-2)))
@@ -434,8 +441,8 @@ class CausalKernel(torch.autograd.Function):
         leaves = [t.detach().requires_grad_() for t in (weight, bias)] + ([white.detach().requires_grad_()]
                                                                           if white is not None else [])
         fmap = plan.features(*leaves[:2], leaves[2] if white is not None else None)
-        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-        dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)  # every block writes its rows
+        dv = torch.empty(v.shape, dtype=dtype, device=v.device)
         d_leaves = [torch.zeros_like(t) for t in leaves]
         rev = initial_reverse(z_last, m_last, dz, dM)
         ws = workspace()
