@@ -133,6 +133,7 @@ def _attention_case(p: dict[str, Any]) -> dict[str, Any]:
                 info.update(_jsonable(extra))
             return out
 
+    train_fwd: list[float] = []  # fwd+bwd: the forward alone, with autograd recording (training mode)
     if mode == "fwd":
         def call() -> None:
             with torch.no_grad():
@@ -143,7 +144,10 @@ def _attention_case(p: dict[str, Any]) -> dict[str, Any]:
         grad_out = torch.randn(1, heads, n, dim, generator=gen)
 
         def call() -> None:
-            forward().backward(grad_out)
+            start = time.perf_counter()
+            out = forward()
+            train_fwd.append(time.perf_counter() - start)
+            out.backward(grad_out)
             for t in leaves:
                 t.grad = None
 
@@ -151,6 +155,10 @@ def _attention_case(p: dict[str, Any]) -> dict[str, Any]:
                        max_total_s=p["max_case_s"])
     result = {"status": "stopped" if m.stopped else "ok", **m.to_dict(), "backend_info": info,
               "backend_source": None, "input_bytes": 3 * n * heads * dim * 4}
+    if train_fwd:
+        timed = train_fwd[len(m.warmup_s):] or train_fwd
+        result.update(train_fwd_times_s=timed, train_fwd_median_s=statistics.median(timed),
+                      grad_bytes=sum(t.numel() * t.element_size() for t in leaves))
     if p["backend"] != SDPA:
         result.update(backend_source=source_fingerprint(backend), **backend_flops(backend, heads, n, dim, bank))
     return result

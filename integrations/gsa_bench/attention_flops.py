@@ -14,7 +14,8 @@ from gsa_bench.attention_cases import SDPA
 FLOP_FORMULAS = {
     "sdpa_fwd": "2 matmuls (QK^T, PV) over the causal triangle: 2 * 2*d * n(n+1)/2 * H = 2*d*H*n*(n+1)",
     "fwd+bwd": "3 x the forward count (convention: backward does about twice the forward's matmul work); "
-    "only used for the fwd+bwd GFLOP/s column",
+    "only used for the fwd+bwd GFLOP/s column; train_fwd_gflops: the forward count over the forward part of "
+    "the fwd+bwd call (autograd recording: training mode)",
     "gsa_backends": "each backend's own count from its flops(batch, heads, n_q, n_k, head_dim, value_dim, causal, "
     "bank) method: matmul-equivalent work of one forward, elementwise passes (exp, log, max, rescaling) not "
     "counted, so the fraction of the matmul rate counts useful matmul work only; what each one counts is its "
@@ -43,3 +44,6 @@ def add_rates(report: dict[str, Any]) -> None:
         if r.get("median_s") and r.get("flops"):
             r["gflops"] = r["flops"] / r["median_s"] / 1e9
             r["fraction_of_matmul"] = r["gflops"] / rate
+        if r.get("train_fwd_median_s") and r.get("flops"):  # the forward of a fwd+bwd call: 1/3 of its count
+            r["train_fwd_gflops"] = r["flops"] / 3 / r["train_fwd_median_s"] / 1e9
+            r["train_fwd_fraction_of_matmul"] = r["train_fwd_gflops"] / rate

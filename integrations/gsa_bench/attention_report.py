@@ -34,22 +34,49 @@ def _kernel_label(report: dict[str, Any]) -> str:
     return f"kernel K={report['settings']['splats']}"
 
 
+#: The kernel backend's speed-up targets (issue 16): (mode, n, times SDPA).
+SPEED_TARGETS = (("fwd", 2048, 2.0), ("fwd", 16384, 25.0), ("fwd", 32768, 50.0),
+                 ("fwd+bwd", 2048, 3.0), ("fwd+bwd", 16384, 12.0))
+MATMUL_SHARE_TARGET = 0.40  # of the fp32 matmul rate, forward, for n >= 8192, inference and training mode
+MEMORY_TARGET_N, MEMORY_TARGET_RATIO = 16384, 0.10  # fwd+bwd peak memory, kernel / SDPA
+DECODE_MS_TARGET = 0.24  # ms per token, the figure before issue 16 ("unchanged or better")
+
+
+def _memory_target(report: dict[str, Any], label: str) -> dict[str, Any]:
+    """Peak memory of fwd+bwd, kernel / SDPA at 16k; also without the gradient buffers both must allocate
+    (``grad_bytes``: q, k, v and the splat parameters' ``.grad``), which bound the ratio from below."""
+    rows = {(r["series"], r["n"]): r for r in report["results"] if r["mode"] == "fwd+bwd" and r.get("peak_bytes")}
+    k_row, s_row = rows.get((label, MEMORY_TARGET_N)), rows.get((SDPA, MEMORY_TARGET_N))
+    ratio = ratio_wo = None
+    if k_row and s_row:
+        ratio = k_row["peak_bytes"] / s_row["peak_bytes"]
+        k_work = k_row["peak_bytes"] - k_row.get("grad_bytes", 0)
+        s_work = s_row["peak_bytes"] - s_row.get("grad_bytes", 0)
+        ratio_wo = k_work / s_work if s_work > 0 else None
+    return {"target": f"kernel fwd+bwd peak memory <= {MEMORY_TARGET_RATIO:g} of SDPA's at n={MEMORY_TARGET_N}",
+            "threshold": MEMORY_TARGET_RATIO, "measured": ratio, "without_gradient_buffers": ratio_wo,
+            "met": None if ratio is None else ratio <= MEMORY_TARGET_RATIO}
+
+
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and ``met`` (None when not measured)."""
     label = _kernel_label(report)
     speed = {(r["n"], r["mode"]): r["speedup_vs_sdpa"] for r in report.get("ratios", []) if r["series"] == label}
     targets = []
-    for n, want in ((2048, 1.0), (16384, 10.0), (32768, 20.0)):
-        got = speed.get((n, "fwd"))
-        targets.append({"target": f"kernel forward >= {want:g}x SDPA at n={n}", "threshold": want,
-                        "measured": got, "met": None if got is None else got >= want})
-    fractions = {r["n"]: r.get("fraction_of_matmul") for r in report["results"]
-                 if r["series"] == label and r["mode"] == "fwd" and r["n"] >= 8192 and r.get("median_s")}
-    known = [f for f in fractions.values() if f is not None]
-    worst = min(known) if known else None
-    targets.append({"target": "kernel forward >= 40% of measured matmul FLOP rate for n >= 8192",
-                    "threshold": 0.40, "measured": worst, "per_n": fractions,
-                    "met": None if worst is None else worst >= 0.40})
+    for mode, n, want in SPEED_TARGETS:
+        got = speed.get((n, mode))
+        targets.append({"target": f"kernel {'forward' if mode == 'fwd' else 'forward+backward'} >= {want:g}x SDPA "
+                        f"at n={n}", "threshold": want, "measured": got, "met": None if got is None else got >= want})
+    for mode, key, what in (("fwd", "fraction_of_matmul", "inference (no_grad)"),
+                            ("fwd+bwd", "train_fwd_fraction_of_matmul", "training (autograd recording)")):
+        fractions = {r["n"]: r.get(key) for r in report["results"]
+                     if r["series"] == label and r["mode"] == mode and r["n"] >= 8192 and r.get("median_s")}
+        known = [f for f in fractions.values() if f is not None]
+        worst = min(known) if known else None
+        targets.append({"target": f"kernel forward >= {100 * MATMUL_SHARE_TARGET:.0f}% of measured matmul FLOP rate "
+                        f"for n >= 8192, {what}", "threshold": MATMUL_SHARE_TARGET, "measured": worst,
+                        "per_n": fractions, "met": None if worst is None else worst >= MATMUL_SHARE_TARGET})
+    targets.append(_memory_target(report, label))
     steps = {r["context"]: r["step_ms_median"] for r in report.get("decode", [])
              if r["series"] == label and r.get("status") == "ok"}
     flat = None
@@ -59,6 +86,10 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     targets.append({"target": f"decode time per token flat within 10% from context {span}",
                     "threshold": 0.10, "measured": flat, "per_context_ms": steps,
                     "contexts": sorted(steps), "met": None if flat is None else flat <= 0.10})
+    worst_ms = max(steps.values()) if steps else None
+    targets.append({"target": f"decode time per token <= {DECODE_MS_TARGET} ms (unchanged or better)",
+                    "threshold": DECODE_MS_TARGET, "measured": worst_ms,
+                    "met": None if worst_ms is None else worst_ms <= DECODE_MS_TARGET})
     states = {r["context"]: r.get("state_bytes") for r in report.get("decode", [])
               if r["series"] == label and r.get("status") == "ok"}
     if states:
@@ -106,7 +137,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     head = ["n", "SDPA fwd", "kernel fwd", "speed-up", "kernel GFLOP/s (% matmul)"]
     if "fwd+bwd" in modes:
-        head += ["SDPA fwd+bwd", "kernel fwd+bwd", "speed-up", "peak mem fwd+bwd SDPA / kernel"]
+        head += ["SDPA fwd+bwd", "kernel fwd+bwd", "speed-up", "kernel training fwd (% matmul)",
+                 "peak mem fwd+bwd SDPA / kernel"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in st["sizes"]:
         s_f, k_f = idx.get((SDPA, n, "fwd")), idx.get((kernel, n, "fwd"))
@@ -117,7 +149,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         if "fwd+bwd" in modes:
             s_b, k_b = idx.get((SDPA, n, "fwd+bwd")), idx.get((kernel, n, "fwd+bwd"))
             mem = f"{fmt_bytes((s_b or {}).get('peak_bytes'))} / {fmt_bytes((k_b or {}).get('peak_bytes'))}"
-            cells += [_cell_time(s_b), _cell_time(k_b), _ratio(s_b, k_b), mem]
+            train = "–"
+            if k_b and k_b.get("train_fwd_median_s"):
+                share = k_b.get("train_fwd_fraction_of_matmul")
+                train = f"{k_b['train_fwd_median_s'] * 1e3:.3g}" + ("" if share is None else f" ({100 * share:.0f}%)")
+            cells += [_cell_time(s_b), _cell_time(k_b), _ratio(s_b, k_b), train, mem]
         lines.append("| " + " | ".join(cells) + " |")
     extra = sparse + others
     if extra:
@@ -161,6 +197,11 @@ def _fmt_measured(t: dict[str, Any]) -> str:
     if "%" in t["target"] and "matmul" in t["target"]:
         per = ", ".join(f"n={n}: {100 * f:.0f}%" for n, f in t.get("per_n", {}).items() if f is not None)
         return f"{100 * m:.0f}% (worst; {per})"
+    if "peak memory" in t["target"]:
+        wo = t.get("without_gradient_buffers")
+        return f"{m:.3f}" + ("" if wo is None else f" ({wo:.3f} without the gradient buffers both allocate)")
+    if "ms (unchanged" in t["target"]:
+        return f"{m:.3f} ms (slowest context)"
     if "flat" in t["target"]:
         return f"max/min − 1 = {100 * m:.1f}%"
     return str(m)
