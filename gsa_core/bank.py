@@ -288,6 +288,34 @@ class FeatureMap:
             torch.sum(xc.square(), -1, keepdim=True, out=out[..., :1])  # the same bits as without ``out``
         return out
 
+    def vjp(self, x: Tensor, grad: Tensor, *, buffers: tuple[Tensor, Tensor] | None = None,
+            out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The features' backward by hand (isotropic and diagonal kinds): ``(dx, d_weight, d_bias)`` for the
+        gradient ``grad [..., H, n, K]`` of ``self(x)``.
+
+        Why: a backend that recomputes features block by block in its backward (the ``kernel`` backend's
+        hand-derived backward) gets these three GEMM-shaped products without building an autograd graph
+        per block. ``grad`` must be zero at dead slots. ``buffers = (augmented, d_augmented)``, both
+        ``[..., H, n, width()]``, and ``out`` (``dx``, ``x``'s shape) are written into instead of allocated.
+        """
+        if self.kind == "full":
+            raise TypeError("vjp() is for isotropic and diagonal maps; use autograd for full covariances")
+        d = self.centre.shape[-1]
+        heads = self.weight.shape[0]
+        xa = self.augment(x, None if buffers is None else buffers[0])
+        g = grad.to(self.weight.dtype)
+        w_t = self.weight.transpose(-1, -2)
+        d_xa = g @ w_t if buffers is None else torch.matmul(g, w_t, out=buffers[1])  # [..., H, n, width]
+        d_weight = (xa.transpose(-1, -2) @ g).reshape(-1, heads, *self.weight.shape[-2:]).sum(0)
+        d_bias = g.reshape(-1, heads, g.shape[-2], g.shape[-1]).sum((0, 2)).unsqueeze(-2)
+        quad = d_xa[..., :-d] if self.kind == "diagonal" else d_xa[..., :1]
+        if out is not None and out.dtype == d_xa.dtype:
+            return torch.addcmul(d_xa[..., -d:], xa[..., -d:], quad, value=2.0, out=out), d_weight, d_bias
+        dx = torch.addcmul(d_xa[..., -d:], xa[..., -d:], quad, value=2.0).to(x.dtype)
+        if out is not None:
+            return out.copy_(dx), d_weight, d_bias
+        return dx, d_weight, d_bias
+
     def width(self) -> int:
         """Columns of :meth:`augment`'s result: ``2d`` (diagonal), ``d + 1`` (isotropic), ``d`` (full)."""
         return self.weight.shape[-2]

@@ -340,7 +340,8 @@ def chunk_backward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chun
     sw = w.sum(-2)  # [x·nc, K]
     has = sw > 0
     y_chunk = torch.where(has, ref + torch.log(torch.where(has, sw, torch.ones_like(sw))), NEG_INF)
-    dod = torch.cat((do3, d_row), dim=-1)  # [x·nc, C, dv + 1]
+    dod = ws.get("dod", (x * nc, c, dv + 1), lq)  # [do, D]
+    dod[..., :dv], dod[..., dv:] = do3, d_row
     n_chunk = torch.bmm(w.transpose(1, 2), dod).div_(torch.where(has, sw, torch.ones_like(sw)).unsqueeze(-1))
     y_chunk, n_chunk = y_chunk.view(x, nc, k), n_chunk.view(x, nc, k, dv + 1)
     # keys of chunk i see the reverse state of chunks > i: loop from the last chunk back
@@ -452,12 +453,18 @@ class CausalKernel(torch.autograd.Function):
             sl = slice(start, min(n, start + step))
             zb, mb = starts[bi]
             kp = None if plan.key_padding is None else plan.key_padding[:, sl]
-            qb, kb = q[..., sl, :].detach().requires_grad_(), k[..., sl, :].detach().requires_grad_()
-            with torch.enable_grad():
-                lq_g, lk_g = block_features(fmap, qb, kb, kp)
-            length = lq_g.shape[-2]
+            qb, kb = q[..., sl, :], k[..., sl, :]
+            by_hand = fmap.kind != "full"  # features' backward by hand (FeatureMap.vjp), else autograd
+            if by_hand:  # the forward's exact features (same buffers, same bits), no graph
+                lq_b, lk_b = block_features(fmap, qb, kb, kp, ws)
+            else:
+                qb, kb = qb.detach().requires_grad_(), kb.detach().requires_grad_()
+                with torch.enable_grad():
+                    lq_g, lk_g = block_features(fmap, qb, kb, kp)
+                lq_b, lk_b = lq_g.detach(), lk_g.detach()
+            length = lq_b.shape[-2]
             padded = -(-length // c) * c
-            lq, lk = _pad(lq_g.detach(), padded, NEG_INF), _pad(lk_g.detach(), padded, NEG_INF)
+            lq, lk = _pad(lq_b, padded, NEG_INF), _pad(lk_b, padded, NEG_INF)
             vb = _pad(v[..., sl, :].to(dtype), padded, 0.0)
             ob, db = _pad(out[..., sl, :], padded, 0.0), _pad(dout[..., sl, :], padded, 0.0)
             lb = lse[..., sl]
@@ -465,12 +472,22 @@ class CausalKernel(torch.autograd.Function):
                 lb = F.pad(lb, (0, padded - length), value=NEG_INF)
             seen = seen_rows(plan.key_padding, sl, zb, padded)
             dlq, dlk, dvb, rev = chunk_backward(lq, lk, vb, zb.to(dtype), mb.to(dtype), c, seen, ob, lb, db, rev, ws)
+            del lq, lk, vb, ob, db
             dv[..., sl, :] = dvb[..., :length, :]
-            grads = torch.autograd.grad((lq_g, lk_g), (qb, kb, *leaves),
-                                        (dlq[..., :length, :], dlk[..., :length, :]), allow_unused=True)
-            dq[..., sl, :] = grads[0]
-            dk[..., sl, :] = grads[1]
-            for acc, g in zip(d_leaves, grads[2:], strict=True):
+            dlq, dlk = dlq[..., :length, :], dlk[..., :length, :]
+            if kp is not None:  # padded keys' features are constants (-inf)
+                dlk = dlk.masked_fill(~kp[:, None, :, None].to(dlk.device), 0.0)
+            if by_hand:  # written straight into dq, dk; the augmented vectors in reused buffers
+                wide = (*qb.shape[:-1], fmap.width())
+                bufs = (ws.get("xa", wide, dlq), ws.get("dxa", wide, dlq))
+                _, dw_q, db_q = fmap.vjp(qb, dlq, buffers=bufs, out=dq[..., sl, :])
+                _, dw_k, db_k = fmap.vjp(kb, dlk, buffers=bufs, out=dk[..., sl, :])
+                grads = [dw_q + dw_k, db_q + db_k]
+            else:
+                grads = list(torch.autograd.grad((lq_g, lk_g), (qb, kb, *leaves), (dlq, dlk), allow_unused=True))
+                dq[..., sl, :] = grads.pop(0)
+                dk[..., sl, :] = grads.pop(0)
+            for acc, g in zip(d_leaves, grads, strict=False):
                 if g is not None:
                     acc += g
         dz0, dM0 = state_grads(z0.to(dtype), M0.to(dtype), rev)
