@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _viz_models import SENTENCES, TEXT, models, one_error_line, read_png
+from _viz_models import SENTENCES, TEXT, distilled, models, one_error_line, read_png
 from gsa_cli.main import main
 from gsa_viz.attention import GID_DIFF, GID_GSA, GID_KL, GID_SOFTMAX, attention_figure, attention_pair
 from gsa_viz.inputs import capture, encode, load_gsa_model, token_labels
@@ -104,3 +104,18 @@ def test_bad_input_is_one_message(folders, tmp_path, capsys, extra, needle):
 def test_a_softmax_model_is_refused(folders, tmp_path, capsys):
     assert main(["viz", "attention", str(folders["softmax"]), "--text", SHORT, "--out", str(tmp_path / "a.png")]) == 2
     assert "is not a GSA model" in one_error_line(capsys)
+
+
+def test_a_bidirectional_encoder_has_no_masked_cells(tmp_path_factory):
+    viz = load_gsa_model(distilled(tmp_path_factory) / "model")  # a distilled BERT (AttentionInterface adapter)
+    text = "the value of the list is a string"
+    (index,) = list(viz.layers)[:1]
+    inputs = capture(viz, encode(viz, text), [index])[index]
+    pair = attention_pair(inputs)
+    assert bool(pair.allowed.all())
+    assert torch.allclose(pair.softmax @ inputs.v, inputs.exact_out, atol=ATOL)
+    fig = attention_figure(viz, text, layer=index, head="all")
+    im = next(im for ax in fig.axes for im in ax.images if im.get_gid() == GID_GSA)
+    assert not im.get_array().mask.any()
+    assert "mask: none" in fig._suptitle.get_text()
+    fig.clf()
