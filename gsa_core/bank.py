@@ -336,10 +336,10 @@ class FeatureMap:
             return self.bias - 0.5 * y.square().sum(-1)
         xa = self.augment(x, None if buffers is None else buffers[0])
         if xa.dim() == 3 or xa.shape[:-3].numel() == 1:  # one GEMM with the constant row as accumulator
-            n = xa.shape[-2]
-            out = None if buffers is None else buffers[1].view(heads, n, -1)
-            res = torch.baddbmm(self.bias, xa.reshape(heads, n, -1), self.weight, out=out)
-            return res.view(*xa.shape[:-1], -1)
+            n, k = xa.shape[-2], self.weight.shape[-1]
+            out = None if buffers is None else buffers[1].view(heads, n, k)
+            res = torch.baddbmm(self.bias, xa.reshape(heads, n, xa.shape[-1]), self.weight, out=out)
+            return res.view(*xa.shape[:-1], k)
         if buffers is None:
             return torch.matmul(xa, self.weight) + self.bias
         return torch.matmul(xa, self.weight, out=buffers[1]).add_(self.bias)

@@ -205,3 +205,11 @@ def test_vjp_equals_autograd(kind: str, batch: int) -> None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="full"):
         _bank("full", 1, 2, 2, 0).feature_map().vjp(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "diagonal", "full"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_empty_inputs(kind: str, batch: int) -> None:
+    """n = 0 (empty sequences are accepted everywhere): an empty ``[..., H, 0, K]``, not a reshape error."""
+    fmap = _bank(kind, 2, 3, 4, 0).feature_map()
+    assert fmap(torch.zeros(batch, 2, 0, 3)).shape == (batch, 2, 0, 4)

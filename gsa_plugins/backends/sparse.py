@@ -25,6 +25,7 @@ nothing after them is, except the ``K``-bin buffers of the non-causal scatter an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from gsa_core.bank import SplatBank
+from gsa_core.bank import SplatBank, compute_dtype
 from gsa_core.errors import MaskNotSupportedError
 from gsa_core.flops import feature_flops
 from gsa_core.masks import MaskSpec
@@ -186,15 +187,28 @@ class SparseBackend(RecurrentOps):
         want = (batch, heads, bank.capacity)
         check_state(state, SparseState, self.name, {"log_norm": want, "memory": (*want, value_dim)})
 
-    def _select_keys(self, k: Tensor, bank: SplatBank, key_padding: Tensor | None) -> tuple[Tensor, Tensor]:
-        lk, ik = top_k_slots(bank.log_features(k), self.params.top_k)
+    @staticmethod
+    def _features(bank: SplatBank, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The log-feature function for a call: with many splats, the bank's constants derived once and one
+        GEMM per input (:meth:`SplatBank.feature_map`; measured 1.7x faster forward at K=512, d=64, n=4096);
+        with ``K`` below the augmented width (``2d``: K=64, d=64 measured ~10% slower, the whole-sequence
+        ``[n, 2d]`` input outweighs the ``[n, K]`` passes it saves) or a single token (decoding: deriving
+        the constants costs more than the features), :meth:`SplatBank.log_features`."""
+        if x.shape[-2] <= 1 or bank.capacity <= 2 * bank.head_dim:
+            return bank.log_features
+        return bank.feature_map(compute_dtype(x))
+
+    def _select_keys(self, k: Tensor, bank: SplatBank, key_padding: Tensor | None,
+                     features: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        lk, ik = top_k_slots((features or self._features(bank, k))(k), self.params.top_k)
         if key_padding is not None:  # mask the key features, not the values
             lk = lk.masked_fill(~key_padding.to(lk.device)[:, None, :, None], NEG_INF)
         return lk, ik
 
     def _select(self, q: Tensor, k: Tensor, v: Tensor, bank: SplatBank, key_padding: Tensor | None) -> _Selected:
-        lq, iq = top_k_slots(bank.log_features(q), self.params.top_k)
-        lk, ik = self._select_keys(k, bank, key_padding)
+        features = self._features(bank, q if q.shape[-2] > 1 else k)
+        lq, iq = top_k_slots(features(q), self.params.top_k)
+        lk, ik = self._select_keys(k, bank, key_padding, features)
         return _Selected(lq, iq, lk, ik, v.to(lq.dtype))
 
     @staticmethod
@@ -346,7 +360,7 @@ class SparseBackend(RecurrentOps):
         """Attention of ``q`` to the state's keys through its top-k splats: ``(out, lse)`` in the compute dtype."""
         self._check_state(state, bank, q.shape[0], q.shape[1], state.memory.shape[-1])
         check_finite(q=q)
-        lq, iq = top_k_slots(bank.log_features(q), self.params.top_k)
+        lq, iq = top_k_slots(self._features(bank, q)(q), self.params.top_k)
         z, m = state.log_norm.to(lq.dtype), state.memory.to(lq.dtype)
         zq = z.gather(-1, iq.flatten(2)).view_as(iq)  # [B, H, n, k]
         uq = m.gather(-2, iq.flatten(2).unsqueeze(-1).expand(-1, -1, -1, m.shape[-1])).view(*iq.shape, m.shape[-1])
