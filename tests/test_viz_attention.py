@@ -119,3 +119,19 @@ def test_a_bidirectional_encoder_has_no_masked_cells(tmp_path_factory):
     assert not im.get_array().mask.any()
     assert "mask: none" in fig._suptitle.get_text()
     fig.clf()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_the_panel_layout_fits_one_to_64_heads_without_overlap(rows):
+    from gsa_viz.attention import _layout
+
+    fig, axes, bars, _ = _layout(rows, labelled=rows <= 8)
+    boxes = [ax.get_position() for ax in [*axes.flat, *bars]]
+    assert all(0 <= b.x0 < b.x1 <= 1 and 0 <= b.y0 < b.y1 <= 1 for b in boxes)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0  # disjoint
+    top = max(b.y1 for b in boxes)
+    assert (1 - top) * fig.get_size_inches()[1] >= 0.8  # the title's margin, in inches
+    assert fig.get_size_inches()[0] <= 19  # four panels of at most 3.2 in with their tick-label gaps
+    fig.clf()

@@ -20,8 +20,9 @@ from gsa_viz.figures import DIVERGING, DPI, MASKED, OKABE_ITO, SEQUENTIAL, pyplo
 from gsa_viz.inputs import LayerInputs, VizModel, capture, encode, pick_heads, pick_layers, token_labels
 
 DEFAULT_TOKENS = 48
-#: Texts up to this many tokens get every token written on the axes.
+#: Texts up to this many tokens get every token written on the axes (when at most MAX_LABELLED_HEADS heads are drawn).
 MAX_LABELLED = 40
+MAX_LABELLED_HEADS = 8
 #: ``gid`` of the drawn heatmaps (tests and scripts find them).
 GID_GSA, GID_SOFTMAX, GID_DIFF, GID_KL = "attention-gsa", "attention-softmax", "attention-difference", "row-kl"
 #: Smallest GSA weight the KL uses (an underflowed weight would make the divergence infinite).
@@ -71,6 +72,31 @@ def _label_axes(ax: Any, labels: list[str] | None, font: float) -> None:
     ax.set_yticks(ticks, labels, fontsize=font - 2)
 
 
+def _layout(rows: int, *, labelled: bool) -> tuple[Any, Any, list[Any], float]:
+    """A figure of ``rows x 4`` panels placed by hand (constrained layout of hundreds of axes takes minutes) and
+    one horizontal colour-bar axis under each matrix column: ``(fig, axes [rows, 4], bar_axes, font)``."""
+    import numpy as np
+
+    side = max(1.6, min(3.2, 20.0 / rows))  # panel side in inches: 3.2 for one head, 1.6 from 13 heads on
+    font = 8.0 if side >= 2.5 else 6.5
+    ticks = 0.75 if labelled else 0.45  # room under and beside a panel for its tick labels
+    left, gap, right, title, bottom, row_gap = 0.35 + ticks, 0.45 + ticks, 0.25, 0.9, 0.8, 0.35 + ticks
+    widths = [side, side, side, 1.15 * side]
+    width = left + sum(widths) + 3 * gap + right
+    height = title + rows * side + (rows - 1) * row_gap + row_gap + bottom
+    fig = pyplot().figure(figsize=(width, height), dpi=DPI)
+    axes = np.empty((rows, 4), dtype=object)
+    for r in range(rows):
+        y = height - title - (r + 1) * side - r * row_gap
+        x = left
+        for c, w in enumerate(widths):
+            axes[r, c] = fig.add_axes((x / width, y / height, w / width, side / height))
+            x += w + gap
+    bar_axes = [fig.add_axes(((left + c * (side + gap)) / width, 0.45 / height, side / width, 0.12 / height))
+                for c in range(3)]
+    return fig, axes, bar_axes, font
+
+
 def attention_figure(viz: VizModel, text: str, *, layer: int | str | None = None, head: int | str | None = 0,
                      max_tokens: int = DEFAULT_TOKENS) -> Any:
     """GSA vs softmax attention of one GSA layer on ``text`` for ``head`` (an index or ``"all"``: one row per head);
@@ -83,34 +109,35 @@ def attention_figure(viz: VizModel, text: str, *, layer: int | str | None = None
     heads = pick_heads(inputs.n_heads, head)
     pair = attention_pair(inputs)
     n = ids.shape[1]
-    labels = token_labels(viz, ids) if n <= MAX_LABELLED else None
-    row_in = max(1.6, min(3.4, 20.0 / len(heads)))
-    plt = pyplot()
-    fig, axes = plt.subplots(len(heads), 4, figsize=(4 * row_in + 1.6, len(heads) * row_in + 1.0), dpi=DPI,
-                             squeeze=False, layout="constrained", width_ratios=[1, 1, 1, 0.8])
-    font = 8.0 if row_in >= 2.5 else 6.5
+    labels = token_labels(viz, ids) if n <= MAX_LABELLED and len(heads) <= MAX_LABELLED_HEADS else None
+    fig, axes, bar_axes, font = _layout(len(heads), labelled=labels is not None)
     seq = colormaps[SEQUENTIAL].with_extremes(bad=MASKED)
     div = colormaps[DIVERGING].with_extremes(bad=MASKED)
-    for row, h in enumerate(heads):
-        top = max(float(pair.gsa[h].max()), float(pair.softmax[h].max()), 1e-9)
-        diff = pair.gsa[h] - pair.softmax[h]
-        span = max(float(diff.abs().max()), 1e-9)
-        panels = ((pair.gsa[h], seq, 0.0, top, GID_GSA, "GSA"), (pair.softmax[h], seq, 0.0, top, GID_SOFTMAX,
-                  "original softmax"), (diff, div, -span, span, GID_DIFF, "GSA − softmax"))
-        for col, (matrix, cmap, lo, hi, gid, name) in enumerate(panels):
+    # one colour scale per column, shared by every head shown (so heads compare at a glance)
+    top = max(float(pair.gsa[heads].max()), float(pair.softmax[heads].max()), 1e-9)
+    diff = pair.gsa - pair.softmax
+    span = max(float(diff[heads].abs().max()), 1e-9)
+    columns = ((seq, 0.0, top, GID_GSA, "GSA", "attention weight"),
+               (seq, 0.0, top, GID_SOFTMAX, "original softmax", "attention weight"),
+               (div, -span, span, GID_DIFF, "GSA − softmax", "difference in weight"))
+    matrices = (pair.gsa, pair.softmax, diff)
+    for col, (cmap, lo, hi, gid, name, unit) in enumerate(columns):
+        image = None
+        for row, h in enumerate(heads):
             ax = axes[row, col]
-            image = ax.imshow(_masked(matrix, pair.allowed), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest",
-                              aspect="equal")
+            image = ax.imshow(_masked(matrices[col][h], pair.allowed), cmap=cmap, vmin=lo, vmax=hi,
+                              interpolation="nearest", aspect="equal")
             image.set_gid(gid)
             ax.set_title(f"head {h}: {name}", fontsize=font + 1)
             _label_axes(ax, labels, font)
             ax.tick_params(labelsize=font - 1)
-            bar = fig.colorbar(image, ax=ax, shrink=0.8)
-            bar.ax.tick_params(labelsize=font - 1)
-            bar.set_label("attention weight" if col < 2 else "difference in weight", fontsize=font - 1)
+        bar = fig.colorbar(image, cax=bar_axes[col], orientation="horizontal")
+        bar.ax.tick_params(labelsize=font - 1)
+        bar.set_label(unit, fontsize=font)
+    for row, h in enumerate(heads):
         ax = axes[row, 3]
         ax.plot(range(n), pair.kl[h].numpy(), color=OKABE_ITO[4], marker="o", ms=2.5, lw=1.2, gid=GID_KL)
-        ax.set_title(f"head {h}: KL(softmax ‖ GSA), mean {float(pair.kl[h].mean()):.3f}", fontsize=font + 1)
+        ax.set_title(f"head {h}: KL(softmax ‖ GSA)\nmean {float(pair.kl[h].mean()):.3f} nats", fontsize=font + 1)
         ax.set_xlabel("query position", fontsize=font)
         ax.set_ylabel("KL per query row (nats)", fontsize=font)
         ax.set_ylim(bottom=0)

@@ -58,7 +58,10 @@ def set_title(fig: Any, text: str) -> None:
     size = 11 if width_in >= 6 else 9
     chars = max(30, int(width_in * 72 / (0.6 * size)))
     lines = [part for line in text.splitlines() for part in textwrap.wrap(line, chars) or [""]]
-    fig.suptitle("\n".join(lines), fontsize=size)
+    if fig.get_layout_engine() is None:  # panels placed by hand: the title sits in the top margin they leave
+        fig.suptitle("\n".join(lines), fontsize=size, y=1 - 0.1 / fig.get_size_inches()[1], va="top")
+    else:
+        fig.suptitle("\n".join(lines), fontsize=size)
 
 
 def small_font(n: int) -> float:
