@@ -211,6 +211,16 @@ def _chunks(lqc: Tensor, lkc: Tensor, vc: Tensor, z: Tensor, M: Tensor, ws: Work
     return _Chunks(mk, q_feat, zb, mb, e_past, cs_ref, e_feat, row, g, den, z_all[:, -1], m_last)
 
 
+def _block(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk: int, ws: Workspace,
+           tag: str) -> tuple[Tensor, Tensor, Tensor, _Chunks]:
+    """One block's chunked views ``lqc, lkc [x, nc, C, K]``, ``vc [x·nc, C, dv]`` and its :class:`_Chunks`."""
+    b, h, s, k = lq.shape
+    dv, nc, x = v.shape[-1], s // chunk, b * h
+    lqc, lkc = lq.reshape(x, nc, chunk, k), lk.reshape(x, nc, chunk, k)
+    vc = v.reshape(x * nc, chunk, dv)
+    return lqc, lkc, vc, _chunks(lqc, lkc, vc, z.reshape(x, k), M.reshape(x, k, dv), ws, tag)
+
+
 @torch.no_grad()
 def chunk_forward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk: int, seen: Tensor, out: Tensor,
                   lse: Tensor | None, ws: Workspace) -> tuple[Tensor, Tensor]:
@@ -223,12 +233,8 @@ def chunk_forward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chunk
     future key of the chunk) is recomputed in log space.
     """
     b, h, s, k = lq.shape
-    dv = v.shape[-1]
-    nc, c = s // chunk, chunk
-    x = b * h
-    lqc, lkc = lq.reshape(x, nc, c, k), lk.reshape(x, nc, c, k)
-    vc = v.reshape(x * nc, c, dv)
-    ch = _chunks(lqc, lkc, vc, z.reshape(x, k), M.reshape(x, k, dv), ws, "f")
+    dv, nc, c, x = v.shape[-1], s // chunk, chunk, b * h
+    lqc, lkc, vc, ch = _block(lq, lk, v, z, M, chunk, ws, "f")
     m_scaled = torch.mul(ch.mb, ch.e_past.unsqueeze(-1), out=ws.get("ms", (x, nc, k, dv), lq))
     e3 = ch.e_feat.view(x * nc, c, k)
     num = torch.bmm(ch.g, vc, out=ws.get("num", (x * nc, c, dv), lq))
@@ -292,12 +298,8 @@ def chunk_backward(lq: Tensor, lk: Tensor, v: Tensor, z: Tensor, M: Tensor, chun
     ``dlq, dlk [B, H, S, K]``, ``dv [B, H, S, dv]`` and the reverse state covering this block's queries too.
     """
     b, h, s, k = lq.shape
-    dv = v.shape[-1]
-    nc, c = s // chunk, chunk
-    x = b * h
-    lqc, lkc = lq.reshape(x, nc, c, k), lk.reshape(x, nc, c, k)
-    vc = v.reshape(x * nc, c, dv)
-    ch = _chunks(lqc, lkc, vc, z.reshape(x, k), M.reshape(x, k, dv), ws, "b")
+    dv, nc, c, x = v.shape[-1], s // chunk, chunk, b * h
+    lqc, lkc, vc, ch = _block(lq, lk, v, z, M, chunk, ws, "b")
     do3 = dout.reshape(x * nc, c, dv)
     d_row = (dout * out).sum(-1).reshape(x * nc, c, 1)  # D_t
     small = ch.den < MIN_ROW_TOTAL
