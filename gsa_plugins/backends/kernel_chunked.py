@@ -432,6 +432,7 @@ class CausalKernel(torch.autograd.Function):
         return out, z, M
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx: Any, dout: Tensor | None, dz: Tensor | None, dM: Tensor | None) -> tuple[Any, ...]:
         plan: Plan = ctx.plan
         q, k, v, z0, M0, weight, bias, white, out, lse, z_last, m_last, *flat = ctx.saved_tensors
