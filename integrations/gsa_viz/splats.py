@@ -52,8 +52,9 @@ def draw_head(ax: Any, inputs: LayerInputs, head: int, share: Tensor, *, n_panel
     alive = bank.alive[head].cpu()
     font = small_font(n_panels)
     marker = 6 if n_panels <= 4 else 2
-    ax.scatter(pk[:, 0], pk[:, 1], s=marker, color=OKABE_ITO[0], alpha=0.5, linewidths=0, label="keys")
-    ax.scatter(pq[:, 0], pq[:, 1], s=marker, color=OKABE_ITO[3], alpha=0.5, linewidths=0, label="queries")
+    # the points above the ellipses, so a cloud inside a splat stays visible
+    ax.scatter(pk[:, 0], pk[:, 1], s=marker, color=OKABE_ITO[0], alpha=0.6, linewidths=0, label="keys", zorder=3)
+    ax.scatter(pq[:, 0], pq[:, 1], s=marker, color=OKABE_ITO[3], alpha=0.6, linewidths=0, label="queries", zorder=3)
     norm = Normalize(0.0, max(float(share[head].max()), 1e-9))
     cmap = colormaps[MASS]
     for slot in torch.nonzero(alive).flatten().tolist():
@@ -62,7 +63,7 @@ def draw_head(ax: Any, inputs: LayerInputs, head: int, share: Tensor, *, n_panel
                              ls="--", ec="#333333", gid=GID_2SIGMA))
         width, height, angle = ellipse(covs[slot], 1.0)
         ax.add_patch(Ellipse(tuple(centers[slot].tolist()), width, height, angle=angle, lw=1.0, ec="#000000",
-                             fc=cmap(norm(float(share[head, slot]))), alpha=0.55, gid=GID_1SIGMA))
+                             fc=cmap(norm(float(share[head, slot]))), alpha=0.45, gid=GID_1SIGMA))
     dead = ~alive
     if bool(dead.any()):
         ax.scatter(centers[dead, 0], centers[dead, 1], marker="x", s=4 * marker + 10, color="#4d4d4d", lw=1.2,
