@@ -189,6 +189,8 @@ def adaptation_figure(run: Run | str | Path) -> Any:
                           label="births" if i == 0 else None)
             events_ax.bar(xs, [-d for d in dead], width=width, color=OKABE_ITO[4], gid=GID_DEATHS,
                           label="deaths (drawn below 0)" if i == 0 else None)
+            events_ax.scatter(xs, [0] * len(xs), marker="|", s=60, color="#000000", zorder=3,
+                              label="refine" if i == 0 else None)
         if stage.shift:
             xs, ys = zip(*stage.shift, strict=True)
             shift_ax.plot(xs, ys, color=OKABE_ITO[5], lw=1.3, gid=GID_SHIFT,
