@@ -237,10 +237,11 @@ def test_builtin_commands_and_benchmarks_come_through_entry_points():
     with scoped_registry() as reg:
         commands = {c.name: c for c in reg.commands("command")}
         assert {"plugins", "config", "train", "convert", "distill", "bench", "chat"} <= set(commands)
-        # the project's own commands come through its own entry points: the CLI's, and gsa eval's
-        assert {c.provider.name for c in commands.values()} == {"cli", "eval"}
+        # the project's own commands come through its own entry points: the CLI's, gsa eval's, gsa viz's and report's
+        assert {c.provider.name for c in commands.values()} == {"cli", "eval", "viz"}
         assert {c.provider.distribution for c in commands.values()} == {"gaussian-splat-attention"}
         assert commands["eval"].provider.name == "eval"
+        assert commands["viz"].provider.name == commands["report"].provider.name == "viz"
         assert commands["train"].provider.distribution == "gaussian-splat-attention"
         assert commands["train"].target == "gsa_cli.commands_train:add_arguments"
         benchmarks = {c.name: c for c in reg.commands("benchmark")}
