@@ -1,4 +1,4 @@
-"""Shared fixtures: fake installed distributions for exercising entry-point discovery."""
+"""Shared fixtures: fake installed distributions (entry-point discovery); the visualisation tests' models."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
     yield make
     for mod in created_modules:
         sys.modules.pop(mod, None)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The visualisation tests' tiny model folders (``tests/_viz_models.py``; built once per process)."""
+    from _viz_models import models
+
+    return models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def viz(folders: dict[str, Path]):
+    """The tiny GSA model of ``folders`` loaded for the pictures (a module may override it with a fresh one)."""
+    from gsa_viz.inputs import load_gsa_model
+
+    return load_gsa_model(folders["gsa"])

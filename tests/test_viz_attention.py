@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _viz_models import SENTENCES, TEXT, distilled, models, one_error_line, read_png
+from _viz_models import SENTENCES, TEXT, distilled, one_error_line, read_png
 from gsa_cli.main import main
 from gsa_viz.attention import GID_DIFF, GID_GSA, GID_KL, GID_SOFTMAX, attention_figure, attention_pair
 from gsa_viz.inputs import capture, encode, load_gsa_model, token_labels
@@ -15,16 +15,6 @@ MIN_PIXEL_STD = 0.05  # not blank: pixel standard deviation (values in [0, 1]) a
 #: fp32 products of n <= 48 weights with values of size ~1: a few hundred ulps at most
 ATOL = 1e-5
 SHORT = SENTENCES[0]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def viz(folders):
-    return load_gsa_model(folders["gsa"])
 
 
 @pytest.mark.parametrize("layer", [0, 1])  # global, and local with its sliding window of 8

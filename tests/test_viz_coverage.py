@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _viz_models import TEXT, models, one_error_line, read_png
+from _viz_models import TEXT, one_error_line, read_png
 from gsa_cli.main import main
 from gsa_viz.coverage import GID_KEYS, GID_QUERIES, coverage_figure, coverage_shares
 from gsa_viz.inputs import capture, encode, load_gsa_model
@@ -14,11 +14,6 @@ from gsa_core.adaptation.coverage import coverage_map
 
 pytest.importorskip("matplotlib")
 MIN_PIXEL_STD = 0.02  # not blank (a heatmap page is mostly white): pixel standard deviation above this
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return models(tmp_path_factory)
 
 
 @pytest.fixture

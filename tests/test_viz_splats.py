@@ -6,26 +6,16 @@ import math
 
 import pytest
 import torch
-from _viz_models import DEAD, TEXT, models, one_error_line, read_png
+from _viz_models import DEAD, TEXT, one_error_line, read_png
 from gsa_cli.main import main
 from gsa_viz.figures import head_grid, panel_inches
-from gsa_viz.inputs import capture, encode, load_gsa_model
+from gsa_viz.inputs import capture, encode
 from gsa_viz.projection import ellipse, fit_plane
 from gsa_viz.splats import GID_1SIGMA, GID_2SIGMA, GID_DEAD, mass_share, splat_figure
 
 pytest.importorskip("matplotlib")
 #: A decoded picture that is not blank: pixel standard deviation (values in [0, 1]) above this.
 MIN_PIXEL_STD = 0.05
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def viz(folders):
-    return load_gsa_model(folders["gsa"])
 
 
 @pytest.fixture(scope="module")
