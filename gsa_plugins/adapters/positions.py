@@ -41,12 +41,11 @@ def position_limit(model: nn.Module) -> int | None:
 
 def extension_note(model: nn.Module) -> str | None:
     """``"interpolate from 64"`` when a converted model's table was extended, else None (for messages)."""
-    data = getattr(getattr(model, "config", None), "gsa", None)
-    long_context = data.get("long_context") if isinstance(data, Mapping) else None
-    if not isinstance(long_context, Mapping) or long_context.get("trained_positions") is None:
+    trained = trained_positions(model)
+    if trained is None:
         return None
-    name = (long_context.get("positions") or {}).get("name", "?")
-    return f"{name} from {long_context['trained_positions']}"
+    name = (model.config.gsa["long_context"].get("positions") or {}).get("name", "?")
+    return f"{name} from {trained}"
 
 
 def check_input_positions(model: nn.Module, needed: int, *, limit: int | None = None, what: str = "the input") -> None:
